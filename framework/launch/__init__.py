@@ -1,0 +1,5 @@
+"""Hardware context and process launch (``hardware/`` configs)."""
+
+from framework.launch.hardware import Hardware
+
+__all__ = ["Hardware"]

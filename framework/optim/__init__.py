@@ -1,0 +1,1 @@
+"""Optimizers (``optimizer/`` configs) and per-step learning-rate schedules (``scheduler/`` configs)."""

@@ -1,0 +1,106 @@
+"""Pieces every task shares: config tree, environment setup, run tags, checkpoint lookup, summaries."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.tree import Tree
+
+from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
+from framework.paths import PROJECT_ROOT
+from framework.tracking import MlflowRun, MlflowTracker
+
+console = Console()
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Check the run spec, print it as a tree, and set up device, mode and seeds."""
+    check_config(cfg)
+    print_config(cfg)
+    build(cfg, "hardware").setup(cfg.seed)
+
+
+def print_config(cfg: DictConfig) -> None:
+    """Print the resolved config, one branch per top-level group."""
+    tree = Tree("[bold]config")
+    for key, value in cfg.items():
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold cyan]{key}").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    console.print(tree)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
+    """MLflow tags: task, model, dataset, hardware, MindSpore version and git commit."""
+    choices = group_choices()
+    tags = {
+        "task": task,
+        "model": str(cfg.model.name),
+        "dataset": choices.get("dataset", str(cfg.dataset._target_)),
+        "hardware": choices.get("hardware", str(cfg.hardware.device_target)),
+        "mindspore_version": ms.__version__,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_run_spec(run: MlflowRun, cfg: DictConfig) -> None:
+    """Log the flattened config as params, and the composed config and overrides as artifacts."""
+    run.log_params(flatten(cfg))
+    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    run.log_text(OmegaConf.to_yaml(OmegaConf.create(overrides())), "config/overrides.yaml")
+
+
+def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker) -> tuple[Path, str | None]:
+    """Local path of ``ckpt`` (a file, or ``runs:/<run_id>/<artifact path>`` fetched from MLflow).
+
+    Returns the path and the run id named by a ``runs:/`` URI (None for a file).
+    """
+    if not ckpt:
+        raise ConfigError("this task needs a checkpoint: ckpt=<file.ckpt> or ckpt=runs:/<run_id>/checkpoints/best.ckpt")
+    if str(ckpt).startswith("runs:/"):
+        parts = str(ckpt)[len("runs:/") :].split("/", 1)
+        if len(parts) < 2 or not parts[1]:
+            raise ConfigError(f"ckpt={ckpt}: expected runs:/<run_id>/<artifact path> (e.g. .../checkpoints/best.ckpt)")
+        try:
+            local = download_artifacts(artifact_uri=str(ckpt), tracking_uri=tracker.uri, dst_path=tempfile.mkdtemp())
+        except (MlflowException, OSError) as err:
+            raise ConfigError(f"ckpt={ckpt}: cannot fetch it from {tracker.uri}: {str(err).splitlines()[0]}") from err
+        return Path(local), parts[0]
+    path = Path(ckpt).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"ckpt={ckpt}: no such checkpoint file ({path}). Pass an existing .ckpt or runs:/<id>/<path>")
+    return path, None
+
+
+def print_summary(title: str, rows: dict[str, Any]) -> None:
+    console.rule(f"[bold]{title}")
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+
+
+def format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

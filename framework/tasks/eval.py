@@ -1,0 +1,37 @@
+"""``task=eval``: evaluate a checkpoint on the configured dataset's val split, logged as a new MLflow run."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from framework.config import build
+from framework.engine import evaluate, load_checkpoint
+from framework.tasks.common import format_metrics, log_run_spec, prepare, print_summary, resolve_checkpoint, run_tags
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Load ``cfg.ckpt`` into ``cfg.model`` and report val loss/top-1/top-5; tags the run with its source run."""
+    prepare(cfg)
+    tracker = build(cfg, "tracking")
+    checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker)
+    data = build(cfg, "dataset")
+    network = build(cfg, "model")
+    meta = load_checkpoint(checkpoint, network)
+    source_run_id = uri_run_id or meta.get("mlflow_run_id")
+    tags = run_tags(cfg, "eval")
+    if source_run_id:
+        tags["source_run_id"] = source_run_id
+    with tracker.start_run(tags) as run:
+        log_run_spec(run, cfg)
+        metrics = {f"val_{k}": v for k, v in evaluate(network, data.loader("val")).items()}
+        run.log_metrics(metrics, step=int(meta.get("epoch", 0)))
+    print_summary(
+        "evaluation finished",
+        {
+            "checkpoint": f"{cfg.ckpt}" + (f" (epoch {meta['epoch']})" if "epoch" in meta else ""),
+            "metrics": format_metrics(metrics),
+            "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
+            "mlflow ui": tracker.ui_command(),
+        },
+    )
+    return metrics

@@ -1,0 +1,58 @@
+"""Shared fixtures: compose the real run spec with Hydra's compose API, isolated in a temp dir."""
+
+from __future__ import annotations
+
+# isort: off
+import framework  # noqa: F401  (first: sets the protobuf backend MindSpore needs; registers resolvers)
+
+# isort: on
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A run small enough for a test: 16 px digits, two epochs.
+FAST = ["dataset.image_size=16", "engine.epochs=2"]
+
+
+def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose conf/config.yaml as ``python run.py <overrides>`` would, writing only under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"paths.run_dir={tmp_path / 'run'}", f"tracking.local_store={tmp_path / 'mlflow'}", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    return lambda *overrides: compose_config(list(overrides), tmp_path)
+
+
+def mlflow_client(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+
+
+def all_runs(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+@pytest.fixture(autouse=True)
+def _local_tracking_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests use their own local MLflow store, never a server named in the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,0 +1,74 @@
+"""Schedules, checkpoints and run status on real MindSpore and MLflow objects."""
+
+from __future__ import annotations
+
+import math
+
+import mindspore.nn as nn
+import numpy as np
+import pytest
+from mlflow.entities import RunStatus
+
+from framework.engine import load_checkpoint, save_checkpoint
+from framework.models import create_model
+from framework.optim.schedules import cosine, multistep
+from framework.tracking import MlflowTracker
+from tests.conftest import all_runs, mlflow_client
+
+
+def test_cosine_closed_form():
+    lr = cosine(lr=0.4, epochs=10, steps_per_epoch=10, min_lr=0.01, warmup_epochs=2, warmup_lr=0.0)
+    assert lr[0] == 0.0 and lr[10] == pytest.approx(0.2)  # linear warmup over 20 steps
+    assert lr[20] == pytest.approx(0.4)  # peak right after warmup
+    for step in (35, 60, 99):
+        expected = 0.01 + 0.5 * (0.4 - 0.01) * (1 + math.cos(math.pi * (step - 20) / 80))
+        assert lr[step] == pytest.approx(expected, rel=1e-6)
+
+
+def test_multistep_closed_form():
+    lr = multistep(lr=0.1, epochs=6, steps_per_epoch=3, milestones=[2, 4], gamma=0.5)
+    assert lr.tolist() == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+
+
+def test_resnext50_parameter_count_and_names():
+    network = create_model("resnext50_32x4d", num_classes=1000)
+    assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == 25_028_904
+    names = [p.name for p in network.trainable_params()]
+    assert names[:2] == ["conv1.weight", "bn1.gamma"] and names[-2:] == ["head.fc.weight", "head.fc.bias"]
+    assert "layer2.0.downsample.0.weight" in names
+
+
+def test_unknown_model_name_lists_registered():
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*resnext50_32x4d"):
+        create_model("resnet9")
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    source = nn.Dense(4, 3)
+    path = save_checkpoint(source, tmp_path / "a.ckpt", {"model": "dense4x3", "epoch": 7})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary file left behind
+    target = nn.Dense(4, 3)
+    assert load_checkpoint(path, target) == {"model": "dense4x3", "epoch": 7}
+    np.testing.assert_array_equal(target.weight.asnumpy(), source.weight.asnumpy())
+    mismatch = r"does not fit the configured model: bias: .*weight: checkpoint \(3, 4\) vs model \(5, 4\)"
+    with pytest.raises(ValueError, match=mismatch):
+        load_checkpoint(path, nn.Dense(4, 5))
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = save_checkpoint(nn.Dense(64, 64), tmp_path / "b.ckpt", {})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(path, nn.Dense(64, 64))
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_run_status_on_exception_and_interrupt(tmp_path, error, status):
+    tracker = MlflowTracker(experiment_name="status", local_store=str(tmp_path / "mlflow"))
+    with pytest.raises(error), tracker.start_run({"task": "train"}) as run:
+        run.log_metrics({"train_loss": 1.0}, step=1)
+        raise error()
+    (record,) = all_runs(mlflow_client(tmp_path))
+    assert record.info.status == status
+    assert record.data.metrics["train_loss"] == 1.0  # buffered metrics are flushed before the run ends
+    assert RunStatus.from_string(record.info.status) != RunStatus.RUNNING

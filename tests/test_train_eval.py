@@ -1,0 +1,84 @@
+"""End to end on real digits: train → MLflow run read back → eval of the best checkpoint reproduces it."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.entities import RunStatus
+
+from framework.tasks.eval import evaluate_checkpoint
+from framework.tasks.train import train
+from tests.conftest import FAST, all_runs, compose_config, mlflow_client
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("train")
+    overrides = [*FAST, "engine.checkpoint_every_n_epochs=1", "engine.keep_checkpoint_max=1"]
+    result = train(compose_config(overrides, tmp_path))
+    client = mlflow_client(tmp_path)
+    (run,) = all_runs(client)
+    return tmp_path, result, client, run
+
+
+def test_short_training_beats_chance(trained):
+    _, result, _, _ = trained
+    assert len(result.history) == 2
+    assert result.best["val_top1"] > 0.5  # chance is 0.1
+
+
+def test_run_logs_params_tags_and_status(trained):
+    _, _, _, run = trained
+    assert RunStatus.from_string(run.info.status) == RunStatus.FINISHED
+    params = run.data.params
+    assert params["model.name"] == "resnext50_32x4d"
+    assert params["dataset.image_size"] == "16"
+    assert params["engine.epochs"] == "2"
+    assert params["optimizer._target_"] == "mindspore.nn.Momentum"
+    tags = run.data.tags
+    assert tags["model"] == "resnext50_32x4d" and tags["dataset"] == "digits" and tags["hardware"] == "cpu"
+    assert tags["mindspore_version"].startswith("2.")
+
+
+def test_run_logs_step_and_epoch_metrics(trained):
+    _, result, client, run = trained
+    steps_per_epoch = 1437 // 32
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    lr = client.get_metric_history(run.info.run_id, "lr")
+    assert [m.step for m in loss] == list(range(1, 2 * steps_per_epoch + 1))
+    assert len(lr) == len(loss) and lr[0].value < lr[steps_per_epoch].value  # warmup over the first epoch
+    top1 = client.get_metric_history(run.info.run_id, "val_top1")
+    assert [m.step for m in top1] == [1, 2]
+    assert [m.value for m in top1] == pytest.approx([h["val_top1"] for h in result.history])
+    for key in ("val_loss", "val_top5"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2
+
+
+def test_run_logs_config_and_checkpoints(trained):
+    tmp_path, _, client, run = trained
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert artifacts == {"config/config.yaml", "config/overrides.yaml"}
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert checkpoints == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+    local = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert local == ["best.ckpt", "epoch_0002.ckpt", "last.ckpt"]  # keep_checkpoint_max=1 rotated epoch 1 out
+
+
+def test_eval_of_best_checkpoint_reproduces_logged_metric(trained, tmp_path):
+    train_tmp, result, client, run = trained
+    run_id = run.info.run_id
+    best = max(client.get_metric_history(run_id, "val_top1"), key=lambda m: m.value)
+    cfg = compose_config([*FAST, f"ckpt=runs:/{run_id}/checkpoints/best.ckpt", "task=eval"], train_tmp)
+    metrics = evaluate_checkpoint(cfg)
+    assert metrics["val_top1"] == best.value
+    eval_runs = [r for r in all_runs(client) if r.data.tags.get("task") == "eval"]
+    assert eval_runs and eval_runs[-1].data.tags["source_run_id"] == run_id
+    assert eval_runs[-1].data.metrics["val_top1"] == best.value
+
+
+def test_eval_of_local_checkpoint_file(trained, tmp_path):
+    train_tmp, result, _, run = trained
+    cfg = compose_config([*FAST, f"ckpt={result.checkpoints['last']}", "task=eval"], tmp_path)
+    metrics = evaluate_checkpoint(cfg)
+    assert metrics["val_top1"] == result.last["val_top1"]
+    (eval_run,) = all_runs(mlflow_client(tmp_path))
+    assert eval_run.data.tags["source_run_id"] == run.info.run_id  # read from the checkpoint's metadata
