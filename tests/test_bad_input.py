@@ -10,9 +10,10 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from framework.config import ConfigError
+from framework.paths import PROJECT_ROOT
 from framework.tasks.eval import evaluate_checkpoint
 from framework.tasks.train import train
-from tests.conftest import CONF_DIR, all_runs, compose_config, mlflow_client
+from tests.conftest import all_runs, compose_config, mlflow_client
 
 
 def assert_no_runs(tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_cli_reports_config_error_and_exit_code(tmp_path):
             f"tracking.local_store={tmp_path / 'mlflow'}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
-        cwd=Path(CONF_DIR).parent,
+        cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=300,

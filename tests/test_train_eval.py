@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 from mlflow.entities import RunStatus
 
+from framework.paths import PROJECT_ROOT
 from framework.tasks.eval import evaluate_checkpoint
 from framework.tasks.train import train
 from tests.conftest import FAST, all_runs, compose_config, mlflow_client
@@ -82,3 +88,27 @@ def test_eval_of_local_checkpoint_file(trained, tmp_path):
     assert metrics["val_top1"] == result.last["val_top1"]
     (eval_run,) = all_runs(mlflow_client(tmp_path))
     assert eval_run.data.tags["source_run_id"] == run.info.run_id  # read from the checkpoint's metadata
+
+
+def test_ctrl_c_marks_run_killed(tmp_path):
+    """A real SIGINT to `python run.py` mid-training ends the MLflow run as KILLED, exit status 130."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "run.py", *FAST, "engine.epochs=20", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [*command, f"tracking.local_store={tmp_path / 'mlflow'}"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # the first epoch is done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "the MLflow run is marked KILLED" in stderr
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["val_top1"] > 0  # what was logged before the interrupt is kept

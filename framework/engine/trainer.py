@@ -131,7 +131,7 @@ class Trainer:
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=16),
+        BarColumn(bar_width=10),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} img/s"),
         TimeElapsedColumn(),

@@ -12,9 +12,15 @@ from framework.config import ConfigError
 
 
 def run(cfg: DictConfig) -> Any:
-    """Run the task the config selects (``task=train`` by default); a bad run spec exits with status 2."""
+    """Run the task the config selects (``task=train`` by default).
+
+    A bad run spec exits with status 2, an interrupt (Ctrl-C, SIGTERM) with 130, each with one line.
+    """
     try:
         return get_method(cfg.task._target_)(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}); the MLflow run is marked KILLED", file=sys.stderr)
+        sys.exit(130)

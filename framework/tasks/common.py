@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +70,8 @@ def log_run_spec(run: MlflowRun, cfg: DictConfig) -> None:
     run.log_text(OmegaConf.to_yaml(OmegaConf.create(overrides())), "config/overrides.yaml")
 
 
-def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker) -> tuple[Path, str | None]:
-    """Local path of ``ckpt`` (a file, or ``runs:/<run_id>/<artifact path>`` fetched from MLflow).
+def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker, download_dir: Path) -> tuple[Path, str | None]:
+    """Local path of ``ckpt``: a file, or ``runs:/<run_id>/<artifact path>`` fetched into ``download_dir``.
 
     Returns the path and the run id named by a ``runs:/`` URI (None for a file).
     """
@@ -83,7 +82,8 @@ def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker) -> tuple[Path, 
         if len(parts) < 2 or not parts[1]:
             raise ConfigError(f"ckpt={ckpt}: expected runs:/<run_id>/<artifact path> (e.g. .../checkpoints/best.ckpt)")
         try:
-            local = download_artifacts(artifact_uri=str(ckpt), tracking_uri=tracker.uri, dst_path=tempfile.mkdtemp())
+            download_dir.mkdir(parents=True, exist_ok=True)
+            local = download_artifacts(artifact_uri=str(ckpt), tracking_uri=tracker.uri, dst_path=str(download_dir))
         except (MlflowException, OSError) as err:
             raise ConfigError(f"ckpt={ckpt}: cannot fetch it from {tracker.uri}: {str(err).splitlines()[0]}") from err
         return Path(local), parts[0]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from framework.config import build
 from framework.engine import evaluate, load_checkpoint
+from framework.launch.signals import stop_signals_interrupt
 from framework.tasks.common import format_metrics, log_run_spec, prepare, print_summary, resolve_checkpoint, run_tags
 
 
@@ -13,7 +16,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Load ``cfg.ckpt`` into ``cfg.model`` and report val loss/top-1/top-5; tags the run with its source run."""
     prepare(cfg)
     tracker = build(cfg, "tracking")
-    checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker)
+    checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, Path(cfg.paths.run_dir) / "checkpoint")
     data = build(cfg, "dataset")
     network = build(cfg, "model")
     meta = load_checkpoint(checkpoint, network)
@@ -21,7 +24,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     tags = run_tags(cfg, "eval")
     if source_run_id:
         tags["source_run_id"] = source_run_id
-    with tracker.start_run(tags) as run:
+    with stop_signals_interrupt(), tracker.start_run(tags) as run:
         log_run_spec(run, cfg)
         metrics = {f"val_{k}": v for k, v in evaluate(network, data.loader("val")).items()}
         run.log_metrics(metrics, step=int(meta.get("epoch", 0)))

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
 from framework.engine import FitResult
+from framework.launch.signals import stop_signals_interrupt
 from framework.tasks.common import format_metrics, log_run_spec, prepare, print_summary, run_tags
 
 
@@ -31,7 +32,7 @@ def train(cfg: DictConfig) -> FitResult:
     tracker = build(cfg, "tracking")
     checkpoint_dir = Path(cfg.paths.run_dir) / "checkpoints"
 
-    with tracker.start_run(run_tags(cfg, "train")) as run:
+    with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "train")) as run:
         log_run_spec(run, cfg)
         meta = {"model": cfg.model.name, "num_classes": data.num_classes, "mlflow_run_id": run.run_id}
         try:
