@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from mlflow.entities import RunStatus
 
@@ -112,3 +113,11 @@ def test_ctrl_c_marks_run_killed(tmp_path):
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "KILLED"
     assert run.data.metrics["val_top1"] > 0  # what was logged before the interrupt is kept
+
+
+def test_pynative_mode_trains(tmp_path):
+    """hardware.mode=pynative runs the same loop eagerly."""
+    result = train(compose_config(["debug=fast", "hardware.mode=pynative"], tmp_path))
+    assert len(result.history) == 2 and np.isfinite(result.last["val_loss"])
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.params["hardware.mode"] == "pynative"
