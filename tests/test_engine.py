@@ -10,7 +10,6 @@ import pytest
 from mlflow.entities import RunStatus
 
 from framework.engine import load_checkpoint, save_checkpoint
-from framework.models import create_model
 from framework.optim.schedules import cosine, multistep
 from framework.tracking import MlflowTracker
 from tests.conftest import all_runs, mlflow_client
@@ -28,19 +27,6 @@ def test_cosine_closed_form():
 def test_multistep_closed_form():
     lr = multistep(lr=0.1, epochs=6, steps_per_epoch=3, milestones=[2, 4], gamma=0.5)
     assert lr.tolist() == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
-
-
-def test_resnext50_parameter_count_and_names():
-    network = create_model("resnext50_32x4d", num_classes=1000)
-    assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == 25_028_904
-    names = [p.name for p in network.trainable_params()]
-    assert names[:2] == ["conv1.weight", "bn1.gamma"] and names[-2:] == ["head.fc.weight", "head.fc.bias"]
-    assert "layer2.0.downsample.0.weight" in names
-
-
-def test_unknown_model_name_lists_registered():
-    with pytest.raises(ValueError, match="unknown model 'resnet9'.*resnext50_32x4d"):
-        create_model("resnet9")
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):

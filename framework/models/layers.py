@@ -5,6 +5,13 @@ from __future__ import annotations
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Tensor
+from mindspore.common.initializer import Initializer
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round a scaled channel count to a multiple of ``divisor``, never more than 10 % below ``value``."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 class DropPath(nn.Cell):
@@ -24,16 +31,39 @@ class DropPath(nn.Cell):
         return x / self.keep_prob * mask
 
 
+class SqueezeExcite(nn.Cell):
+    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features."""
+
+    def __init__(self, channels: int, reduced: int, act: type[nn.Cell] = nn.ReLU) -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1, has_bias=True)
+        self.act = act()
+        self.conv_expand = nn.Conv2d(reduced, channels, 1, has_bias=True)
+        self.gate = nn.Sigmoid()
+
+    def construct(self, x: Tensor) -> Tensor:
+        scale = x.mean((2, 3), keep_dims=True)
+        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(scale))))
+
+
 class ClassifierHead(nn.Cell):
     """Global average pool → dropout → linear classifier.
 
     Pooling is a mean over (H, W) rather than ``nn.AdaptiveAvgPool2d`` so the head exports to ONNX.
+    ``weight_init``/``bias_init`` default to MindSpore's (the same as PyTorch's ``nn.Linear``).
     """
 
-    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
+        weight_init: Initializer | str | None = None,
+        bias_init: Initializer | str | None = None,
+    ) -> None:
         super().__init__()
         self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Dense(in_features, num_classes)
+        self.fc = nn.Dense(in_features, num_classes, weight_init=weight_init, bias_init=bias_init)
 
     def construct(self, x: Tensor) -> Tensor:
         x = x.mean((2, 3))

@@ -1,0 +1,66 @@
+"""Model zoo: parameter counts against the references, output shapes at native and small inputs."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from framework.models import create_model, list_models
+
+# Trainable parameters at 1000 classes, as timm counts them (BatchNorm statistics excluded).
+REFERENCE_PARAMS = {
+    "resnext50_32x4d": 25_028_904,
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
+    "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784,
+    "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
+}
+# Native input size of the seed recipes' models.
+NATIVE_SIZE = {"resnext50_32x4d": 224, "efficientnet_b2": 260}
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    """Shape checks run eagerly: compiling each network at two sizes would only cost time."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_parameter_count_matches_reference(name):
+    network = create_model(name, num_classes=1000)
+    assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == REFERENCE_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_SIZE))
+def test_output_shape_at_native_and_small_size(name):
+    network = create_model(name, num_classes=7)
+    network.set_train(False)
+    for size in (NATIVE_SIZE[name], 32):
+        logits = network(ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, size, size), np.float32)))
+        assert logits.shape == (2, 7) and np.isfinite(logits.asnumpy()).all()
+
+
+def test_every_registered_model_has_a_reference():
+    assert set(REFERENCE_PARAMS) == set(list_models())
+
+
+def test_parameter_names_are_stable():
+    names = [p.name for p in create_model("resnext50_32x4d").trainable_params()]
+    assert names[:2] == ["conv1.weight", "bn1.gamma"] and names[-2:] == ["head.fc.weight", "head.fc.bias"]
+    assert "layer2.0.downsample.0.weight" in names
+    names = [p.name for p in create_model("efficientnet_b2").trainable_params()]
+    assert names[0] == "conv_stem.weight" and "blocks.1.0.conv_pwl.weight" in names
+    assert "blocks.0.0.se.conv_reduce.weight" in names and names[-1] == "head.fc.bias"
+
+
+def test_unknown_model_name_lists_registered():
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*efficientnet_b2.*resnext50_32x4d"):
+        create_model("resnet9")
