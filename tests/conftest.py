@@ -7,9 +7,10 @@ import framework  # noqa: F401  (first: sets the protobuf backend MindSpore need
 
 # isort: on
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
+import mindspore as ms
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -56,3 +57,11 @@ def all_runs(client: MlflowClient) -> list:
 def _local_tracking_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests use their own local MLflow store, never a server named in the environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_execution_mode() -> Iterator[None]:
+    """Tests that switch MindSpore between graph and PyNative mode do not leak it to the next test."""
+    previous = ms.get_context("mode")
+    yield
+    ms.set_context(mode=previous)

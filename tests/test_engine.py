@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 import pytest
 from mlflow.entities import RunStatus
 
 from framework.engine import load_checkpoint, save_checkpoint
+from framework.engine.losses import HeadsLoss
 from framework.optim.schedules import cosine, multistep
 from framework.tracking import MlflowTracker
 from tests.conftest import all_runs, mlflow_client
@@ -58,3 +60,31 @@ def test_run_status_on_exception_and_interrupt(tmp_path, error, status):
     assert record.info.status == status
     assert record.data.metrics["train_loss"] == 1.0  # buffered metrics are flushed before the run ends
     assert RunStatus.from_string(record.info.status) != RunStatus.RUNNING
+
+
+class TwoHeads(nn.Cell):
+    """Two linear heads; like NASNet/Conformer it returns both while training, one at eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Dense(4, 3)
+        self.aux = nn.Dense(4, 3)
+        self.head_loss_weights = (1.0, 0.4)
+
+    def construct(self, x):
+        if self.training:
+            return self.main(x), self.aux(x)
+        return self.main(x)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_heads_loss_weights_each_head(mode):
+    ms.set_context(mode=mode)
+    network, ce = TwoHeads(), nn.CrossEntropyLoss()
+    network.set_train(True)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
+    y = ms.Tensor(np.array([0, 1, 2, 0, 1], np.int32))
+    expected = float(ce(network.main(x), y).asnumpy()) + 0.4 * float(ce(network.aux(x), y).asnumpy())
+    assert float(HeadsLoss(network, ce)(x, y).asnumpy()) == pytest.approx(expected, rel=1e-6)
+    single = nn.Dense(4, 3)
+    assert float(HeadsLoss(single, ce)(x, y).asnumpy()) == pytest.approx(float(ce(single(x), y).asnumpy()))

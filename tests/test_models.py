@@ -19,18 +19,16 @@ REFERENCE_PARAMS = {
     "efficientnet_b5": 30_389_784,
     "efficientnet_b6": 43_040_704,
     "efficientnet_b7": 66_347_960,
+    "nfnet_f0": 71_489_284,  # timm dm_nfnet_f0
 }
 # Native input size of the seed recipes' models.
-NATIVE_SIZE = {"resnext50_32x4d": 224, "efficientnet_b2": 260}
+NATIVE_SIZE = {"resnext50_32x4d": 224, "efficientnet_b2": 260, "nfnet_f0": 192}
 
 
 @pytest.fixture(autouse=True)
-def pynative():
+def pynative() -> None:
     """Shape checks run eagerly: compiling each network at two sizes would only cost time."""
-    previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
@@ -59,8 +57,31 @@ def test_parameter_names_are_stable():
     names = [p.name for p in create_model("efficientnet_b2").trainable_params()]
     assert names[0] == "conv_stem.weight" and "blocks.1.0.conv_pwl.weight" in names
     assert "blocks.0.0.se.conv_reduce.weight" in names and names[-1] == "head.fc.bias"
+    names = [p.name for p in create_model("nfnet_f0").trainable_params()]
+    assert names[:3] == ["stem.conv1.weight", "stem.conv1.bias", "stem.conv1.gain"]
+    assert "stages.1.0.downsample.conv.gain" in names and "stages.3.2.skipinit_gain" in names
 
 
 def test_unknown_model_name_lists_registered():
-    with pytest.raises(ValueError, match="unknown model 'resnet9'.*efficientnet_b2.*resnext50_32x4d"):
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*efficientnet_b2.*nfnet_f0.*resnext50_32x4d"):
         create_model("resnet9")
+
+
+def test_scaled_std_conv_standardises_weights():
+    """NFNet's conv equals a plain conv with per-channel standardised weight × gain / sqrt(fan_in)."""
+    from framework.models.nfnet import ScaledStdConv2d
+
+    conv = ScaledStdConv2d(4, 3, 3, stride=2)
+    conv.gain.set_data(ms.Tensor(np.array([1.0, 2.0, 0.5], np.float32).reshape(3, 1, 1, 1)))
+    x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    out = conv(ms.Tensor(x)).asnumpy()
+    assert out.shape == (1, 3, 3, 3)  # "SAME": ceil(6 / 2)
+    w = conv.weight.asnumpy().reshape(3, -1)
+    w = (w - w.mean(1, keepdims=True)) / np.sqrt(w.var(1, keepdims=True) + 1e-5)
+    w = (w * np.array([[1.0], [2.0], [0.5]]) / 6.0).reshape(3, 4, 3, 3)  # fan_in = 4 * 3 * 3
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))  # TF "SAME" pads bottom/right at stride 2
+    expected = np.array(
+        [[[(padded[0, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] * w[o]).sum() for j in range(3)] for i in range(3)]
+         for o in range(3)]
+    )  # fmt: skip
+    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)

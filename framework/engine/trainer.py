@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from framework.engine.checkpoint import save_checkpoint
 from framework.engine.evaluate import evaluate
+from framework.engine.losses import HeadsLoss
 from framework.tracking import MlflowRun
 
 
@@ -68,7 +69,7 @@ class Trainer:
         steps_per_epoch = self.steps_per_epoch(train_loader)
         if self.limit_train_batches:
             train_loader = train_loader.take(steps_per_epoch)
-        train_step = nn.TrainOneStepCell(nn.WithLossCell(network, loss_fn), optimizer)
+        train_step = nn.TrainOneStepCell(HeadsLoss(network, loss_fn), optimizer)
         batches = train_loader.create_tuple_iterator(num_epochs=self.epochs)
         result = FitResult()
         global_step = 0

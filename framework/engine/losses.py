@@ -1,0 +1,30 @@
+"""Loss over one or several classifier heads (NASNet's auxiliary head, Conformer's two heads)."""
+
+from __future__ import annotations
+
+import mindspore.nn as nn
+from mindspore import Tensor
+
+
+class HeadsLoss(nn.Cell):
+    """``network(images)`` → loss; a network returning several logits while training is scored head by head.
+
+    The total is ``Σ w_i · loss_fn(logits_i, labels)`` with ``w = network.head_loss_weights``
+    (e.g. ``(1.0, aux_factor)`` for NASNet, ``(1.0, 1.0)`` for Conformer); a single-head network
+    gives plain ``loss_fn(logits, labels)``.
+    """
+
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.loss_fn = loss_fn
+        self.weights = tuple(float(w) for w in getattr(network, "head_loss_weights", (1.0,)))
+
+    def construct(self, images: Tensor, labels: Tensor) -> Tensor:
+        outputs = self.network(images)
+        if not isinstance(outputs, tuple):
+            return self.loss_fn(outputs, labels)
+        loss = self.weights[0] * self.loss_fn(outputs[0], labels)
+        for i in range(1, len(outputs)):
+            loss = loss + self.weights[i] * self.loss_fn(outputs[i], labels)
+        return loss

@@ -1,0 +1,181 @@
+"""NFNet: High-Performance Large-Scale Image Recognition Without Normalization (Brock et al., ICML 2021).
+
+https://arxiv.org/abs/2102.06171. Normalizer-free ResNets: no BatchNorm; scaled weight-standardised
+convolutions, activations multiplied by the variance-preserving gamma of the non-linearity, residual
+branches scaled by ``alpha`` and inputs by ``beta = 1/sqrt(expected variance)``, a learnable skip gain
+initialised at zero (SkipInit), squeeze-excite with gain 2 and stochastic depth. This is the DeepMind
+variant (GELU, "SAME" padding, gamma in the activation), i.e. timm's ``dm_nfnet_f*``. Parameter names
+follow timm (``stem.conv1-4``, ``stages.{s}.{b}.conv1/conv2/conv2b/conv3/downsample.conv``,
+``final_conv``, ``head.fc``; each conv has ``weight``, ``bias`` and ``gain``), except that the SE
+convs are ``attn_last.conv_reduce/conv_expand`` (timm: ``attn_last.fc1/fc2``) and the skip gain is
+``skipinit_gain`` as in timm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore.nn as nn
+import mindspore.ops as ops
+from mindspore import Parameter, Tensor
+from mindspore.common.initializer import HeNormal, Normal, initializer
+
+from framework.models.layers import ClassifierHead, DropPath, SqueezeExcite, make_divisible
+from framework.models.registry import register_model
+
+# Variance-preserving gamma of GELU, from the official DeepMind code.
+GELU_GAMMA = 1.7015043497085571
+STAGE_CHANNELS = (256, 512, 1536, 1536)
+
+
+class ScaledStdConv2d(nn.Cell):
+    """Conv whose weight is standardised per output channel, then scaled by ``gain / sqrt(fan_in)``.
+
+    "SAME" padding as TensorFlow (extra row/column at the bottom/right for even sizes at stride 2).
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        fan_in = in_ch // groups * kernel * kernel
+        self.weight = Parameter(
+            initializer(HeNormal(mode="fan_in", nonlinearity="linear"), (out_ch, in_ch // groups, kernel, kernel)),
+            name="weight",
+        )
+        self.bias = Parameter(initializer("zeros", (out_ch,)), name="bias")
+        self.gain = Parameter(initializer("ones", (out_ch, 1, 1, 1)), name="gain")
+        self.scale = 1.0 / math.sqrt(fan_in)
+        self.eps = eps
+        self.stride = stride
+        self.groups = groups
+
+    def construct(self, x: Tensor) -> Tensor:
+        mean = self.weight.mean(axis=(1, 2, 3), keep_dims=True)
+        var = ((self.weight - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
+        weight = (self.weight - mean) / ops.sqrt(var + self.eps) * (self.gain * self.scale)
+        return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
+
+
+class GammaGELU(nn.Cell):
+    """GELU times its variance-preserving gamma, so activations keep unit variance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gelu = nn.GELU(approximate=False)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.gelu(x) * GELU_GAMMA
+
+
+class DownsampleAvg(nn.Cell):
+    """Shortcut projection: 2×2 average pool (when striding) → 1×1 scaled-std conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.has_pool = stride > 1
+        if self.has_pool:
+            self.pool = nn.AvgPool2d(2, stride, pad_mode="pad", ceil_mode=True, count_include_pad=False)
+        self.conv = ScaledStdConv2d(in_ch, out_ch, 1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(self.pool(x) if self.has_pool else x)
+
+
+class NormFreeBlock(nn.Cell):
+    """Pre-activation bottleneck: 1×1 → grouped 3×3 → grouped 3×3 → 1×1 → SE, scaled and added."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, alpha: float, beta: float, group_size: int, drop_path_rate: float
+    ) -> None:
+        super().__init__()
+        groups = make_divisible(out_ch * 0.5) // group_size
+        mid = group_size * groups
+        self.alpha, self.beta, self.attn_gain = alpha, beta, 2.0
+        self.has_downsample = in_ch != out_ch or stride != 1
+        if self.has_downsample:
+            self.downsample = DownsampleAvg(in_ch, out_ch, stride)
+        self.act1, self.act2, self.act2b, self.act3 = GammaGELU(), GammaGELU(), GammaGELU(), GammaGELU()
+        self.conv1 = ScaledStdConv2d(in_ch, mid, 1)
+        self.conv2 = ScaledStdConv2d(mid, mid, 3, stride=stride, groups=groups)
+        self.conv2b = ScaledStdConv2d(mid, mid, 3, groups=groups)
+        self.conv3 = ScaledStdConv2d(mid, out_ch, 1)
+        self.attn_last = SqueezeExcite(out_ch, make_divisible(out_ch * 0.5, round_limit=0.0))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.skipinit_gain = Parameter(initializer("zeros", ()), name="skipinit_gain")
+
+    def construct(self, x: Tensor) -> Tensor:
+        out = self.act1(x) * self.beta
+        shortcut = self.downsample(out) if self.has_downsample else x
+        out = self.conv2(self.act2(self.conv1(out)))
+        out = self.conv3(self.act3(self.conv2b(self.act2b(out))))
+        out = self.drop_path(self.attn_gain * self.attn_last(out)) * self.skipinit_gain
+        return out * self.alpha + shortcut
+
+
+class DeepQuadStem(nn.Cell):
+    """Four 3×3 convs (16, 32, 64, 128 channels, strides 2-1-1-2) with gamma-GELU between them."""
+
+    def __init__(self, in_channels: int, out_channels: int = 128) -> None:
+        super().__init__()
+        self.conv1 = ScaledStdConv2d(in_channels, out_channels // 8, 3, stride=2)
+        self.conv2 = ScaledStdConv2d(out_channels // 8, out_channels // 4, 3)
+        self.conv3 = ScaledStdConv2d(out_channels // 4, out_channels // 2, 3)
+        self.conv4 = ScaledStdConv2d(out_channels // 2, out_channels, 3, stride=2)
+        self.act2, self.act3, self.act4 = GammaGELU(), GammaGELU(), GammaGELU()
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = self.act2(self.conv1(x))
+        x = self.act3(self.conv2(x))
+        return self.conv4(self.act4(self.conv3(x)))
+
+
+class NFNet(nn.Cell):
+    """Four-conv "deep quad" stem (stride 4), four stages of NF blocks, 1×1 final conv, pooled classifier."""
+
+    def __init__(
+        self,
+        depths: tuple[int, int, int, int],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        drop_rate: float = 0.2,
+        drop_path_rate: float = 0.1,
+        alpha: float = 0.2,
+        group_size: int = 128,
+    ) -> None:
+        super().__init__()
+        self.stem = DeepQuadStem(in_channels, 128)
+        total_blocks, block_idx, in_ch = sum(depths), 0, 128
+        expected_var = 1.0
+        stages = []
+        for stage_idx, (depth, out_ch) in enumerate(zip(depths, STAGE_CHANNELS)):
+            blocks = []
+            for i in range(depth):
+                rate = drop_path_rate * block_idx / max(total_blocks - 1, 1)
+                stride = 2 if i == 0 and stage_idx > 0 else 1
+                beta = 1.0 / math.sqrt(expected_var)
+                blocks.append(NormFreeBlock(in_ch, out_ch, stride, alpha, beta, group_size, rate))
+                # A stage's first block (projection shortcut) resets the expected variance; each block adds alpha².
+                expected_var = (1.0 if i == 0 else expected_var) + alpha**2
+                in_ch = out_ch
+                block_idx += 1
+            stages.append(nn.SequentialCell(blocks))
+        self.stages = nn.SequentialCell(stages)
+        self.num_features = 2 * STAGE_CHANNELS[-1]
+        self.final_conv = ScaledStdConv2d(in_ch, self.num_features, 1)
+        self.final_act = GammaGELU()
+        self.head = ClassifierHead(
+            self.num_features, num_classes, drop_rate, weight_init=Normal(sigma=0.01), bias_init="zeros"
+        )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.final_act(self.final_conv(self.stages(self.stem(x))))
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+@register_model
+def nfnet_f0(**kwargs) -> NFNet:
+    """NFNet-F0 (DeepMind variant): depths 1-2-6-3, 71.5 M parameters, 192 px train / 256 px test."""
+    return NFNet((1, 2, 6, 3), **kwargs)
