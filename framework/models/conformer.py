@@ -111,13 +111,15 @@ class Block(nn.Cell):
 class ConvBlock(nn.Cell):
     """ResNet bottleneck (1×1 → 3×3 with the stride → 1×1, width ``out_ch / 4``) with an optional projection.
 
-    ``construct(x, x_t)`` adds the coupled transformer map ``x_t`` to the input of the 3×3 conv and returns
-    ``(output, middle map after the 3×3 conv)``; the middle map feeds ``FCUDown``.
+    ``construct(x, x_t)`` adds the coupled transformer map ``x_t`` to the input of the 3×3 conv; with
+    ``return_mid`` it returns ``(output, middle map after the 3×3 conv)``, the middle map feeding ``FCUDown``.
     """
 
     expansion = 4
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, res_conv: bool = False) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int = 1, res_conv: bool = False, return_mid: bool = False
+    ) -> None:
         super().__init__()
         mid = out_ch // self.expansion
         self.conv1 = _conv(in_ch, mid, 1)
@@ -128,18 +130,22 @@ class ConvBlock(nn.Cell):
         self.bn3 = _bn(out_ch)
         self.act = nn.ReLU()
         self.res_conv = res_conv
+        self.return_mid = return_mid
         if res_conv:
             self.residual_conv = _conv(in_ch, out_ch, 1, stride=stride)
             self.residual_bn = _bn(out_ch)
 
-    def construct(self, x: Tensor, x_t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def construct(self, x: Tensor, x_t: Tensor | None = None) -> tuple[Tensor, Tensor] | Tensor:
         shortcut = self.residual_bn(self.residual_conv(x)) if self.res_conv else x
         out = self.act(self.bn1(self.conv1(x)))
         if x_t is not None:
             out = out + x_t
         mid = self.act(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(mid))
-        return self.act(out + shortcut), mid
+        out = self.act(out + shortcut)
+        if self.return_mid:
+            return out, mid
+        return out
 
 
 class FCUDown(nn.Cell):
@@ -199,7 +205,7 @@ class ConvTransBlock(nn.Cell):
     ) -> None:
         super().__init__()
         mid = out_ch // ConvBlock.expansion
-        self.cnn_block = ConvBlock(in_ch, out_ch, stride=stride, res_conv=res_conv)
+        self.cnn_block = ConvBlock(in_ch, out_ch, stride=stride, res_conv=res_conv, return_mid=True)
         if last_fusion:
             self.fusion_block = ConvBlock(out_ch, out_ch, stride=2, res_conv=True)
         else:
@@ -212,15 +218,16 @@ class ConvTransBlock(nn.Cell):
         x, mid = self.cnn_block(x)
         x_t = self.trans_block(self.squeeze_block(mid, x_t) + x_t)
         x_t_up = self.expand_block(x_t, mid.shape[2], mid.shape[3])
-        x, _ = self.fusion_block(x, x_t_up)
-        return x, x_t
+        return self.fusion_block(x, x_t_up), x_t
 
 
 class Conformer(nn.Cell):
-    """Stem → stage 1 (``conv_1`` bottleneck ∥ patch embedding + ``trans_1``) → ``depth - 1`` ConvTransBlocks in
-    three stages (CNN width ×1, ×2, ×4 of ``64 · channel_ratio``; stride 2 at stages 2 and 3 and in the last
-    fusion block) → CNN head (global average pool → linear) and transformer head (LayerNorm on the cls token →
-    linear).
+    """Stem → ``conv_1`` bottleneck ∥ patch embedding + ``trans_1`` → ``depth - 1`` ConvTransBlocks → CNN head
+    (global average pool → linear) and transformer head (LayerNorm on the cls token → linear).
+
+    With ``conv_1``/``trans_1`` the blocks form three stages of ``depth / 3`` (CNN width ×1, ×2, ×4 of
+    ``64 · channel_ratio``, FCU stride ``patch_size / 4``, ``/ 8``, ``/ 16``); the first block of stages 2
+    and 3 and the last fusion block have stride 2 and a projection shortcut.
 
     ``drop_rate`` is the official one: dropout after the attention projection and in the MLP, not before the
     heads. While training, ``construct`` returns ``(conv_logits, trans_logits)`` (loss: the sum of their
@@ -284,7 +291,7 @@ class Conformer(nn.Cell):
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images → (final CNN map, final tokens with the cls token first)."""
         x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        x, _ = self.conv_1(x_base)
+        x = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base)
         x_t = x_t.reshape(x_t.shape[0], x_t.shape[1], -1).transpose(0, 2, 1)
         cls_tokens = ops.tile(self.cls_token, (x_t.shape[0], 1, 1))

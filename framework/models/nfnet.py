@@ -51,18 +51,25 @@ class ScaledStdConv2d(nn.Cell):
         self.groups = groups
 
     def construct(self, x: Tensor) -> Tensor:
-        mean = self.weight.mean(axis=(1, 2, 3), keep_dims=True)
-        var = ((self.weight - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
-        weight = (self.weight - mean) / ops.sqrt(var + self.eps) * (self.gain * self.scale)
+        # Standardise each output channel's fan-in as one contiguous row (much faster on CPU than
+        # reducing over axes 1-3 of the 4-D weight); the per-row factor is formed before touching the weight.
+        weight = self.weight.reshape(self.weight.shape[0], -1)
+        centered = weight - weight.mean(axis=1, keep_dims=True)
+        inv_std = ops.rsqrt(ops.square(centered).mean(axis=1, keep_dims=True) + self.eps)
+        weight = (centered * (inv_std * self.gain.reshape(-1, 1) * self.scale)).reshape(self.weight.shape)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
 
 class GammaGELU(nn.Cell):
-    """GELU times its variance-preserving gamma, so activations keep unit variance."""
+    """GELU times its variance-preserving gamma, so activations keep unit variance.
+
+    The tanh approximation, as ``jax.nn.gelu`` in the DeepMind code (and a fused kernel on CPU; the exact
+    erf form is composed of many small ops there and costs several times more in the backward pass).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.gelu = nn.GELU(approximate=False)
+        self.gelu = nn.GELU(approximate=True)
 
     def construct(self, x: Tensor) -> Tensor:
         return self.gelu(x) * GELU_GAMMA
