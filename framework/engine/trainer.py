@@ -72,7 +72,7 @@ class Trainer:
         train_step = nn.TrainOneStepCell(HeadsLoss(network, loss_fn), optimizer)
         batches = train_loader.create_tuple_iterator(num_epochs=self.epochs)
         result = FitResult()
-        global_step = 0
+        global_step, report_every = 0, max(1, steps_per_epoch // 10)
         with _progress() as progress:
             task = progress.add_task("train", total=self.epochs * steps_per_epoch, loss=float("nan"), lr=0.0, ips=0.0)
             for epoch in range(1, self.epochs + 1):
@@ -90,6 +90,13 @@ class Trainer:
                         images_seen += images.shape[0]
                     ips = images_seen / max(time.perf_counter() - timed_since, 1e-9)
                     progress.update(task, advance=1, loss=loss, lr=lr, ips=ips)
+                    if not progress.console.is_terminal and global_step % report_every == 0:
+                        # Logs and batch jobs get no live bar: a plain line ten times per epoch instead.
+                        remaining = progress.tasks[task].time_remaining
+                        progress.console.print(
+                            f"epoch {epoch}/{self.epochs} step {global_step}/{self.epochs * steps_per_epoch} "
+                            f"loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s eta {remaining or 0:.0f} s"
+                        )
                     if not np.isfinite(loss):
                         raise FloatingPointError(f"train loss is {loss} at step {global_step} (epoch {epoch})")
                 epoch_metrics = {"epoch": epoch, "train_img_per_s": ips}
