@@ -27,9 +27,18 @@ REFERENCE_PARAMS = {
     "efficientnet_b7": 66_347_960,
     "nfnet_f0": 71_489_284,  # timm dm_nfnet_f0
     "conformer_ti": 23_524_704,  # official code (paper: 23.5 M)
+    "nasnet_a_mobile": 5_289_978,  # Keras NASNetMobile trainable, auxiliary head excluded
 }
+# Builder arguments for the count: the auxiliary head is a training device, not part of the model.
+COUNT_KWARGS = {"nasnet_a_mobile": {"aux_factor": 0.0}}
 # Native input size of the seed recipes' models.
-NATIVE_SIZE = {"resnext50_32x4d": 224, "efficientnet_b2": 260, "nfnet_f0": 192, "conformer_ti": 224}
+NATIVE_SIZE = {
+    "resnext50_32x4d": 224,
+    "efficientnet_b2": 260,
+    "nfnet_f0": 192,
+    "conformer_ti": 224,
+    "nasnet_a_mobile": 224,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +49,7 @@ def pynative() -> None:
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_parameter_count_matches_reference(name):
-    network = create_model(name, num_classes=1000)
+    network = create_model(name, num_classes=1000, **COUNT_KWARGS.get(name, {}))
     assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == REFERENCE_PARAMS[name]
 
 
@@ -70,9 +79,41 @@ def test_parameter_names_are_stable():
 
 
 def test_unknown_model_name_lists_registered():
-    registered = "conformer_ti, efficientnet_b0.*nfnet_f0, resnext50_32x4d"
+    registered = "conformer_ti, efficientnet_b0.*nasnet_a_mobile, nfnet_f0, resnext50_32x4d"
     with pytest.raises(ValueError, match=f"unknown model 'resnet9'.*{registered}"):
         create_model("resnet9")
+
+
+@pytest.mark.parametrize(("name", "heads"), [("nasnet_a_mobile", 2), ("conformer_ti", 2), ("resnext50_32x4d", 1)])
+def test_training_heads_and_eval_logits(name, heads):
+    """Multi-head models give one logits tensor per head while training and a single one at eval."""
+    network = create_model(name, num_classes=5)
+    x = ms.Tensor(np.random.default_rng(2).standard_normal((2, 3, 64, 64), np.float32))
+    network.set_train(True)
+    train_out = network(x)
+    assert len(train_out) == heads if heads > 1 else train_out.shape == (2, 5)
+    assert len(getattr(network, "head_loss_weights", (1.0,))) == heads
+    network.set_train(False)
+    eval_out = network(x)
+    assert eval_out.shape == (2, 5)
+    if name == "conformer_ti":  # evaluation sums the CNN and transformer heads, as in the paper
+        cnn, tokens = network.forward_features(x)
+        conv_logits = network.conv_cls_head(cnn.mean((2, 3))).asnumpy()
+        trans_logits = network.trans_cls_head(network.trans_norm(tokens)[:, 0]).asnumpy()
+        np.testing.assert_allclose(eval_out.asnumpy(), conv_logits + trans_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_nasnet_aux_weight_and_bn_momentum():
+    network = create_model("nasnet_a_mobile", num_classes=10, aux_factor=0.25, bn_momentum=0.9)
+    assert network.head_loss_weights == (1.0, 0.25)
+    assert any(p.name.startswith("aux_head.") for p in network.trainable_params())
+    x = ms.Tensor(np.full((4, 3, 32, 32), 10.0, np.float32))
+    network.set_train(True)
+    network(x)
+    # One batch moves each running mean by (1 - 0.9) of the batch mean.
+    moving = network.stem_bn.moving_mean.asnumpy()
+    batch_mean = network.stem_conv(x).asnumpy().mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(moving, 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
 
 
 def test_scaled_std_conv_standardises_weights():
