@@ -17,6 +17,8 @@ from tests.conftest import CONF_DIR
 # Trainable parameters at 1000 classes, as timm counts them (BatchNorm statistics excluded).
 REFERENCE_PARAMS = {
     "resnext50_32x4d": 25_028_904,
+    "resnext101_32x4d": 44_177_704,
+    "resnext101_32x8d": 88_791_336,
     "efficientnet_b0": 5_288_548,
     "efficientnet_b1": 7_794_184,
     "efficientnet_b2": 9_109_994,
@@ -79,7 +81,7 @@ def test_parameter_names_are_stable():
 
 
 def test_unknown_model_name_lists_registered():
-    registered = "conformer_ti, efficientnet_b0.*nasnet_a_mobile, nfnet_f0, resnext50_32x4d"
+    registered = "conformer_ti, efficientnet_b0.*nasnet_a_mobile, nfnet_f0, resnext101_32x4d.*resnext50_32x4d"
     with pytest.raises(ValueError, match=f"unknown model 'resnet9'.*{registered}"):
         create_model("resnet9")
 

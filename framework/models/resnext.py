@@ -121,3 +121,15 @@ class ResNeXt(nn.Cell):
 def resnext50_32x4d(**kwargs) -> ResNeXt:
     """ResNeXt-50 32×4d: 25.0 M parameters at 1000 classes, 4.3 GFLOPs at 224 px."""
     return ResNeXt((3, 4, 6, 3), cardinality=32, base_width=4, **kwargs)
+
+
+@register_model
+def resnext101_32x4d(**kwargs) -> ResNeXt:
+    """ResNeXt-101 32×4d: 44.2 M parameters at 1000 classes."""
+    return ResNeXt((3, 4, 23, 3), cardinality=32, base_width=4, **kwargs)
+
+
+@register_model
+def resnext101_32x8d(**kwargs) -> ResNeXt:
+    """ResNeXt-101 32×8d: 88.8 M parameters at 1000 classes."""
+    return ResNeXt((3, 4, 23, 3), cardinality=32, base_width=8, **kwargs)
