@@ -12,6 +12,7 @@ import pytest
 from framework.config import build
 from framework.engine.losses import HeadsLoss
 from framework.models import create_model, list_models
+from framework.models.layers import DropPath
 from tests.conftest import CONF_DIR
 
 # Trainable parameters at 1000 classes, as timm counts them (BatchNorm statistics excluded).
@@ -152,3 +153,12 @@ def test_model_config_trains_and_loss_falls(make_config, model):
     assert np.isfinite(losses).all()
     # Dropout, drop path and 16-sample BatchNorm make single steps noisy: compare the ends of the run.
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "nfnet_f0"])
+def test_drop_path_grows_linearly_to_the_last_block(name):
+    network = create_model(name, num_classes=10, drop_path_rate=0.2)
+    keep = [cell.keep_prob for _, cell in network.cells_and_names() if isinstance(cell, DropPath)]
+    blocks = 16 if name == "resnext50_32x4d" else 12
+    assert len(keep) == blocks - 1  # the first block's rate is 0: no DropPath cell
+    np.testing.assert_allclose(keep, [1 - 0.2 * i / (blocks - 1) for i in range(1, blocks)], rtol=1e-6)

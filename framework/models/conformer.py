@@ -17,11 +17,10 @@ fusion_block,squeeze_block,expand_block,trans_block}``, ``cls_token``, ``trans_n
 
 from __future__ import annotations
 
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal, initializer
 
-from framework.models.layers import DropPath
+from framework.models.layers import DropPath, linear_drop_path_rates
 from framework.models.registry import register_model
 
 BASE_CHANNELS = 64  # stem width and stage-1 CNN width at channel ratio 1
@@ -254,7 +253,7 @@ class Conformer(nn.Cell):
         self.head_loss_weights = (1.0, 1.0)
         self.num_features = embed_dim
         # Stochastic depth on the transformer blocks only, linear from 0 over the depth (official ``trans_dpr``).
-        dpr = [float(rate) for rate in np.linspace(0, drop_path_rate, depth)]
+        dpr = linear_drop_path_rates(drop_path_rate, depth)
         block_args = (embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate)
 
         self.conv1 = _conv(in_channels, BASE_CHANNELS, 7, stride=2, padding=3)

@@ -14,6 +14,11 @@ def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> 
     return rounded + divisor if rounded < round_limit * value else rounded
 
 
+def linear_drop_path_rates(max_rate: float, count: int) -> list[float]:
+    """Stochastic-depth rate per block, growing linearly from 0 to ``max_rate`` (Huang et al. 2016)."""
+    return [max_rate * i / max(count - 1, 1) for i in range(count)]
+
+
 class DropPath(nn.Cell):
     """Stochastic depth (Huang et al. 2016): drop a residual branch per sample while training."""
 

@@ -20,7 +20,7 @@ import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 from mindspore.common.initializer import HeNormal, Normal, initializer
 
-from framework.models.layers import ClassifierHead, DropPath, SqueezeExcite, make_divisible
+from framework.models.layers import ClassifierHead, DropPath, SqueezeExcite, linear_drop_path_rates, make_divisible
 from framework.models.registry import register_model
 
 # Variance-preserving gamma of GELU, from the official DeepMind code.
@@ -152,16 +152,15 @@ class NFNet(nn.Cell):
     ) -> None:
         super().__init__()
         self.stem = DeepQuadStem(in_channels, 128)
-        total_blocks, block_idx, in_ch = sum(depths), 0, 128
+        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(depths)), 0, 128
         expected_var = 1.0
         stages = []
         for stage_idx, (depth, out_ch) in enumerate(zip(depths, STAGE_CHANNELS)):
             blocks = []
             for i in range(depth):
-                rate = drop_path_rate * block_idx / max(total_blocks - 1, 1)
                 stride = 2 if i == 0 and stage_idx > 0 else 1
                 beta = 1.0 / math.sqrt(expected_var)
-                blocks.append(NormFreeBlock(in_ch, out_ch, stride, alpha, beta, group_size, rate))
+                blocks.append(NormFreeBlock(in_ch, out_ch, stride, alpha, beta, group_size, rates[block_idx]))
                 # A stage's first block (projection shortcut) resets the expected variance; each block adds alpha².
                 expected_var = (1.0 if i == 0 else expected_var) + alpha**2
                 in_ch = out_ch

@@ -13,7 +13,7 @@ import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import HeNormal
 
-from framework.models.layers import ClassifierHead, DropPath
+from framework.models.layers import ClassifierHead, DropPath, linear_drop_path_rates
 from framework.models.registry import register_model
 
 
@@ -92,16 +92,16 @@ class ResNeXt(nn.Cell):
         self.bn1 = _bn(64)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
-        total_blocks, block_idx, in_ch = sum(layers), 0, 64
+        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, 64
         stages = []
         for stage_idx, depth in enumerate(layers):
             planes = 64 * 2**stage_idx
             blocks = []
             for i in range(depth):
-                # Stochastic depth rate grows linearly with block index (Huang et al. 2016).
-                rate = drop_path_rate * block_idx / max(total_blocks - 1, 1)
                 stride = 2 if i == 0 and stage_idx > 0 else 1
-                blocks.append(Bottleneck(in_ch, planes, stride, cardinality, base_width, rate, zero_init_last))
+                blocks.append(
+                    Bottleneck(in_ch, planes, stride, cardinality, base_width, rates[block_idx], zero_init_last)
+                )
                 in_ch = planes * Bottleneck.expansion
                 block_idx += 1
             stages.append(nn.SequentialCell(blocks))
