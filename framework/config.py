@@ -13,6 +13,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+_VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 
 # Values that must be strictly positive wherever the composed config has them.
 POSITIVE_KEYS = (
@@ -31,7 +32,13 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail fast on unknown keys under a ``_target_`` and on non-positive sizes, lrs and epochs."""
+    """Fail fast on required values left unset, unknown keys under a ``_target_`` and non-positive sizes/lrs/epochs."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: required but not set (??? in conf/{missing[0].split('.')[0]}/). "
+            f"Fix: add {missing[0]}=<value> to the command line"
+        )
     for path, node in _target_nodes(cfg):
         _check_keys(path, node)
     for key in POSITIVE_KEYS:
@@ -75,13 +82,9 @@ def _check_keys(path: str, node: DictConfig) -> None:
         obj = get_object(target)
     except Exception as err:
         raise ConfigError(f"{path}._target_: cannot import '{target}' ({err})") from err
-    try:
-        params = _signature(obj).parameters
-    except (TypeError, ValueError):
+    accepted = _accepted_keys(obj)
+    if accepted is None:
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [name for name in params if name != "self"]
     for key in node:
         if key in _HYDRA_KEYS or key in accepted:
             continue
@@ -91,6 +94,26 @@ def _check_keys(path: str, node: DictConfig) -> None:
             f"unknown key '{path}.{key}': {target} takes {', '.join(accepted)}. {hint}"
             f"Fix the override or remove the key from conf/{path.split('.')[0]}/."
         )
+
+
+def _accepted_keys(obj: Any) -> list[str] | None:
+    """Keyword names ``obj`` accepts; None when it takes arbitrary keywords.
+
+    A class whose ``__init__`` forwards ``**kwargs`` to its base (``super().__init__(**kwargs)``)
+    accepts the base's names too, so subclasses need not repeat a long shared signature.
+    """
+    accepted: list[str] = []
+    for owner in inspect.getmro(obj) if inspect.isclass(obj) else (obj,):
+        try:
+            params = _signature(owner).parameters
+        except (TypeError, ValueError):
+            return None
+        accepted += [name for name, p in params.items() if name != "self" and p.kind not in _VARIADIC]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return accepted
+        if owner is object or not inspect.isclass(obj):
+            return None
+    return None
 
 
 def _signature(obj: Any) -> inspect.Signature:

@@ -46,6 +46,8 @@ def test_unknown_top_level_key_is_refused(tmp_path):
         ("dataset.batch_size=5000", r"dataset.batch_size=5000 is larger than the train split"),
         ("+model.depth=3", r"model \(framework.models.create_model\): .*unexpected keyword argument 'depth'"),
         ("dataset.val_fraction=1.5", r"dataset.val_fraction must be in \(0, 1\), got 1.5"),
+        ("dataset=folder", r"dataset.path: required but not set .*Fix: add dataset.path=<value>"),
+        ("dataset.num_parallel_workers=0", r"dataset.num_parallel_workers must be >= 1, got 0"),
         ("model.name=resnet9", r"unknown model 'resnet9' \(model.name\); registered models: conformer_ti, .*"),
     ],
 )

@@ -11,7 +11,8 @@ import pytest
 from hydra.utils import get_method, instantiate
 
 from framework.config import build
-from framework.data.digits import DigitsData
+from framework.data.pipeline import ImageData
+from framework.data.synthetic import write_image_folder
 from framework.engine import Trainer
 from framework.launch import Hardware
 from framework.tracking import MlflowTracker
@@ -45,12 +46,31 @@ def test_model_choices_build(make_config, model):
     assert logits.shape == (2, 10)
 
 
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("tree"), 3, 4, 2, size=(48, 40))
+
+
 @pytest.mark.parametrize("dataset", choices("dataset"))
-def test_dataset_choices_build(make_config, dataset):
-    data = instantiate(make_config(f"dataset={dataset}").dataset)
-    assert isinstance(data, DigitsData)
+def test_dataset_choices_build(make_config, tmp_path, small_tree, dataset):
+    """Each dataset choice builds a loader of the configured size (folder ones on a small generated tree)."""
+    per_choice = {
+        "folder": [f"dataset.path={small_tree}"],
+        "imagenet": [f"dataset.path={small_tree}", "dataset.num_classes=3"],
+        "synthetic_jpeg": [
+            f"dataset.path={tmp_path / 'syn'}",
+            "dataset.train_images=20",
+            "dataset.val_images=10",
+            "dataset.image_size_wh=[48,40]",
+        ],
+    }
+    cfg = make_config(
+        f"dataset={dataset}", "dataset.image_size=32", "dataset.batch_size=8", *per_choice.get(dataset, [])
+    )
+    data = instantiate(cfg.dataset)
+    assert isinstance(data, ImageData) and data.num_classes == len(data.class_names)
     images, labels = next(data.loader("train").create_tuple_iterator())
-    assert images.shape == (32, 3, 32, 32) and labels.dtype == ms.int32
+    assert images.shape == (8, 3, 32, 32) and labels.dtype == ms.int32
 
 
 @pytest.mark.parametrize("optimizer", choices("optimizer"))

@@ -1,33 +1,154 @@
-"""Pipeline steps shared by every image source: resize, normalise, HWC→CHW, batch."""
+"""The loader every image source shares: sampler → decode → transforms → batch → mixup/cutmix.
+
+A source is random access: ``len(source)`` items, ``source[key]`` → (HWC uint8 RGB image, int32
+label, key) for the item ``key % len(source)``. Sources differ only in where images come from.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from typing import Protocol
 
-import mindspore as ms
 import mindspore.dataset as ds
 import mindspore.dataset.transforms as T
-import mindspore.dataset.vision as vision
+import numpy as np
+from mindspore import dtype as mstype
+
+from framework.data.mixup import Mixup
+from framework.data.sampler import ShardSampler
+from framework.data.transforms import TrainAugment, eval_ops, interpolation_mode
+
+SPLITS = ("train", "val")
+log = logging.getLogger(__name__)
 
 
-def batch_images(
-    source: ds.Dataset,
-    resize: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    drop_remainder: bool,
-    num_parallel_workers: int,
-) -> ds.Dataset:
-    """Map uint8 HWC images to normalised float32 CHW tensors of ``resize``² pixels and batch them.
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
 
-    ``mean``/``std`` are given on the 0..1 scale (as timm and torchvision write them).
+    def __getitem__(self, key: int) -> tuple[np.ndarray, np.int32, np.int64]: ...
+
+
+class ImageData:
+    """Train/val loaders of one dataset: ``loader(split, shard_id, num_shards)`` gives batches of
+    (float32 NCHW images, labels); train labels are soft targets (N, num_classes) when mixup/cutmix is on.
+
+    Subclasses fill ``self.sources`` (split → source), ``self.class_names`` and call ``super().__init__``.
     """
-    image_ops = [
-        vision.Resize((resize, resize), interpolation=vision.Inter.BILINEAR),
-        vision.Normalize(mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std]),
-        vision.HWC2CHW(),
-    ]
-    source = source.map(image_ops, input_columns="image", num_parallel_workers=num_parallel_workers)
-    source = source.map(T.TypeCast(ms.int32), input_columns="label", num_parallel_workers=num_parallel_workers)
-    return source.batch(batch_size, drop_remainder=drop_remainder)
+
+    sources: dict[str, ImageSource]
+    class_names: list[str]
+
+    def __init__(
+        self,
+        image_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: TrainAugment,
+        mixup: Mixup | None = None,
+        eval_image_size: int | None = None,
+        crop_pct: float = 0.875,
+        interpolation: str = "bilinear",
+        num_parallel_workers: int = 2,
+        python_multiprocessing: bool = False,
+        prefetch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        interpolation_mode(interpolation)  # validate now, not inside a worker
+        eval_ops(eval_image_size or image_size, crop_pct, interpolation, mean, std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"dataset.mean and dataset.std need 3 values (RGB), got {list(mean)} and {list(std)}")
+        self.image_size, self.eval_image_size = image_size, eval_image_size or image_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.mean, self.std = list(mean), list(std)
+        self.augment, self.mixup = augment, mixup if mixup is not None and mixup.active else None
+        self.crop_pct, self.interpolation = crop_pct, interpolation
+        if num_parallel_workers < 1:
+            raise ValueError(f"dataset.num_parallel_workers must be >= 1, got {num_parallel_workers}")
+        cores = os.cpu_count() or 1
+        if num_parallel_workers > cores:  # MindSpore refuses more workers than cores
+            log.warning("dataset.num_parallel_workers=%d > %d cores here; using %d", num_parallel_workers, cores, cores)
+        self.workers = min(num_parallel_workers, cores)
+        self.python_multiprocessing = python_multiprocessing
+        self.prefetch_size, self.seed = prefetch_size, seed
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def bad_images(self) -> list[str]:
+        """Files found unreadable (and skipped) so far; in-memory sources have none."""
+        return []
+
+    def num_samples(self, split: str) -> int:
+        return len(self.sources[split])
+
+    def loader(self, split: str, shard_id: int = 0, num_shards: int = 1) -> ds.Dataset:
+        """Batched pipeline for ``split``; train is shuffled, augmented and padded to equal shards."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        training = split == "train"
+        ds.config.set_prefetch_size(self.prefetch_size)
+        ds.config.set_seed(self.seed)  # seeds the C++ random ops (crop, flip) built below
+        sampler = ShardSampler(len(self.sources[split]), training, self.seed, shard_id, num_shards, pad=training)
+        # The generator only emits keys; loading runs as a map op. (GeneratorDataset's own worker threads
+        # install MindSpore's C signal handlers in this process, which would kill it on SIGTERM/Ctrl-C.)
+        dataset = ds.GeneratorDataset(SampleKeys(sampler.num_items), column_names=["key"], sampler=sampler)
+        dataset = dataset.map(
+            self.sources[split].__getitem__,
+            input_columns=["key"],
+            output_columns=["image", "label", "key"],
+            num_parallel_workers=self.workers,
+            python_multiprocessing=self.python_multiprocessing,
+        )
+        dataset = dataset.map(T.TypeCast(mstype.int32), input_columns="label")
+        if training:
+            dataset = self.augment.apply(
+                dataset,
+                self.image_size,
+                self.mean,
+                self.std,
+                self.interpolation,
+                self.seed,
+                self.workers,
+                self.python_multiprocessing,
+            )
+        else:
+            ops = eval_ops(self.eval_image_size, self.crop_pct, self.interpolation, self.mean, self.std)
+            dataset = dataset.map(ops, input_columns="image", num_parallel_workers=self.workers)
+        dataset = dataset.batch(self.batch_size if training else self.eval_batch_size, drop_remainder=training)
+        if training and self.mixup is not None:
+            dataset = dataset.map(
+                KeyedMixup(self.mixup, self.num_classes, self.seed),
+                input_columns=["image", "label", "key"],
+                output_columns=["image", "label", "key"],
+            )
+        return dataset.project(["image", "label"])
+
+
+class SampleKeys:
+    """What the sampler indexes: item ``key`` is the key itself (sources decode it as ``key % len``)."""
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, key: int) -> tuple[np.int64]:
+        return (np.int64(key),)
+
+
+class KeyedMixup:
+    """Mixup/CutMix of one batch, seeded by the batch's first sample key (deterministic)."""
+
+    def __init__(self, mixup: Mixup, num_classes: int, seed: int) -> None:
+        self.mixup, self.num_classes, self.seed = mixup, num_classes, seed
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        rng = np.random.default_rng([self.seed, int(keys[0]), 2])
+        mixed, targets = self.mixup(images, labels, self.num_classes, rng)
+        return mixed, targets, keys

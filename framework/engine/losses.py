@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import mindspore.nn as nn
+import mindspore.ops as ops
 from mindspore import Tensor
+
+
+class CrossEntropy(nn.Cell):
+    """Cross-entropy on class indices with label smoothing, or on soft targets (mixup/cutmix).
+
+    Soft targets already carry the smoothing (``dataset.mixup.label_smoothing`` folds it in, as
+    timm's SoftTargetCrossEntropy expects), so they are scored as given: ``-Σ t·log_softmax(z)``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if labels.ndim == logits.ndim:
+            return -(labels * ops.log_softmax(logits, -1)).sum(-1).mean()
+        return ops.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
 class HeadsLoss(nn.Cell):

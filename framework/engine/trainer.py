@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ class Trainer:
         run: MlflowRun,
         checkpoint_dir: Path,
         checkpoint_meta: dict[str, Any],
+        data_metrics: Callable[[], dict[str, float]] | None = None,
     ) -> FitResult:
+        """Train; ``data_metrics()`` adds data-health figures (e.g. skipped images) to each epoch's metrics."""
         steps_per_epoch = self.steps_per_epoch(train_loader)
         if self.limit_train_batches:
             train_loader = train_loader.take(steps_per_epoch)
@@ -99,7 +102,7 @@ class Trainer:
                         )
                     if not np.isfinite(loss):
                         raise FloatingPointError(f"train loss is {loss} at step {global_step} (epoch {epoch})")
-                epoch_metrics = {"epoch": epoch, "train_img_per_s": ips}
+                epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **(data_metrics() if data_metrics else {})}
                 if epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs:
                     val = evaluate(network, val_loader)
                     epoch_metrics.update({f"val_{k}": v for k, v in val.items()})

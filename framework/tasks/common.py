@@ -28,6 +28,17 @@ def prepare(cfg: DictConfig) -> None:
     build(cfg, "hardware").setup(cfg.seed)
 
 
+def build_model(cfg: DictConfig, num_classes: int) -> Any:
+    """``cfg.model`` with a head for the dataset's ``num_classes``; ``model.num_classes: null`` takes that count."""
+    configured = cfg.model.get("num_classes")
+    if configured is not None and configured != num_classes:
+        raise ConfigError(
+            f"model.num_classes={configured} but the dataset has {num_classes} classes. "
+            "Set model.num_classes to match (or null to follow the dataset)"
+        )
+    return build(cfg, "model", num_classes=num_classes)
+
+
 def print_config(cfg: DictConfig) -> None:
     """Print the resolved config, one branch per top-level group."""
     tree = Tree("[bold]config")

@@ -9,7 +9,15 @@ from omegaconf import DictConfig
 from framework.config import build
 from framework.engine import evaluate, load_checkpoint
 from framework.launch.signals import stop_signals_interrupt
-from framework.tasks.common import format_metrics, log_run_spec, prepare, print_summary, resolve_checkpoint, run_tags
+from framework.tasks.common import (
+    build_model,
+    format_metrics,
+    log_run_spec,
+    prepare,
+    print_summary,
+    resolve_checkpoint,
+    run_tags,
+)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
@@ -18,7 +26,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     tracker = build(cfg, "tracking")
     checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, Path(cfg.paths.run_dir) / "checkpoint")
     data = build(cfg, "dataset")
-    network = build(cfg, "model")
+    network = build_model(cfg, data.num_classes)
     meta = load_checkpoint(checkpoint, network)
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
     tags = run_tags(cfg, "eval")

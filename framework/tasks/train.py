@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mindspore as ms
@@ -10,14 +11,14 @@ from omegaconf import DictConfig
 from framework.config import ConfigError, build
 from framework.engine import FitResult
 from framework.launch.signals import stop_signals_interrupt
-from framework.tasks.common import format_metrics, log_run_spec, prepare, print_summary, run_tags
+from framework.tasks.common import build_model, format_metrics, log_run_spec, prepare, print_summary, run_tags
 
 
 def train(cfg: DictConfig) -> FitResult:
     """Train ``cfg.model`` on ``cfg.dataset``; every object is built before the MLflow run opens."""
     prepare(cfg)
     data = build(cfg, "dataset")
-    network = build(cfg, "model")
+    network = build_model(cfg, data.num_classes)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
     train_loader, val_loader = data.loader("train"), data.loader("val")
@@ -34,16 +35,33 @@ def train(cfg: DictConfig) -> FitResult:
 
     with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "train")) as run:
         log_run_spec(run, cfg)
-        meta = {"model": cfg.model.name, "num_classes": data.num_classes, "mlflow_run_id": run.run_id}
+        run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
+        meta = {
+            "model": cfg.model.name,
+            "num_classes": data.num_classes,
+            "class_names": data.class_names,
+            "mlflow_run_id": run.run_id,
+        }
         try:
             result = trainer.fit(
-                network, loss_fn, optimizer, lr_per_step, train_loader, val_loader, run, checkpoint_dir, meta
+                network,
+                loss_fn,
+                optimizer,
+                lr_per_step,
+                train_loader,
+                val_loader,
+                run,
+                checkpoint_dir,
+                meta,
+                data_metrics=lambda: {"data_bad_images": len(data.bad_images())},
             )
         finally:
             for name in ("best", "last"):
                 path = checkpoint_dir / f"{name}.ckpt"
                 if path.is_file():
                     run.log_artifact(path, "checkpoints")
+            if data.bad_images():
+                run.log_text("\n".join(data.bad_images()) + "\n", "data/bad_images.txt")
 
     print_summary(
         "training finished",
