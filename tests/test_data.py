@@ -194,6 +194,15 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tree_with_bad_files, c
     assert all(any(path in record.getMessage() for record in caplog.records) for path in bad)
 
 
+def test_worker_processes_skip_and_count_bad_images(tmp_path, tree_with_bad_files):
+    root, bad = tree_with_bad_files
+    cfg = folder_config(tmp_path, root, "dataset.batch_size=6", "dataset.python_multiprocessing=true", *HEAVY)
+    data = build(cfg, "dataset")
+    epoch = batches(data.loader("train"))
+    assert len(epoch) == 3 and all(len(labels) == 6 for _, labels in epoch)
+    assert set(data.bad_images()) == bad  # recorded by the worker processes in the shared log
+
+
 def test_corrupt_image_is_fatal_when_configured(tmp_path, tree_with_bad_files, capsys):
     root, bad = tree_with_bad_files
     cfg = folder_config(

@@ -124,6 +124,8 @@ def read_bad_image_log(path: Path | None) -> list[str]:
 class ImageFolderData(ImageData):
     """``path/train_dir`` and ``path/val_dir`` in ImageNet folder layout, checked before training."""
 
+    reads_files = True
+
     def __init__(
         self,
         path: str,

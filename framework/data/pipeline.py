@@ -79,6 +79,8 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    reads_files = False  # sources decoding files from disk can meet unreadable ones (see bad_images)
+
     def bad_images(self) -> list[str]:
         """Files found unreadable (and skipped) so far; in-memory sources have none."""
         return []

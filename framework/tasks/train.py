@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> FitResult:
                 run,
                 checkpoint_dir,
                 meta,
-                data_metrics=lambda: {"data_bad_images": len(data.bad_images())},
+                data_metrics=(lambda: {"data_bad_images": len(data.bad_images())}) if data.reads_files else None,
             )
         finally:
             for name in ("best", "last"):
