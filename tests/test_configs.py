@@ -75,7 +75,7 @@ def test_dataset_choices_build(make_config, tmp_path, small_tree, dataset):
 
 @pytest.mark.parametrize("optimizer", choices("optimizer"))
 def test_optimizer_choices_build(make_config, optimizer):
-    cfg = make_config(f"optimizer={optimizer}")
+    cfg = make_config(f"optimizer={optimizer}", *(["optimizer.agc_exclude=[]"] if optimizer == "sgd_agc" else []))
     params = nn.Dense(4, 2).trainable_params()
     opt = build(cfg, "optimizer", params=params, learning_rate=ms.Tensor(np.full(10, 0.1, np.float32)))
     assert isinstance(opt, nn.Optimizer)

@@ -2,24 +2,49 @@
 
 Each schedule returns one float32 value per step for the whole run; the optimizer takes the
 array as a dynamic learning rate and indexes it by its own global step, so the lr position is
-part of the optimizer state. Warmup is linear from ``warmup_lr`` to ``lr`` over ``warmup_epochs``.
+part of the optimizer state. Warmup is linear from ``warmup_lr`` to ``lr`` over ``warmup_epochs``
+(``cosine_annealing`` keeps its recipe's variant, see there). The recipe schedules reproduce the
+MindSpore model zoo (github.com/mindspore-ai/models) ``src/lr_generator.py`` of each seed recipe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total: int) -> int:
+    return min(int(round(warmup_epochs * steps_per_epoch)), total)
 
 
 def _with_warmup(
     decay: np.ndarray, lr: float, warmup_lr: float, warmup_epochs: float, steps_per_epoch: int
 ) -> np.ndarray:
     """Replace the first ``warmup_epochs`` of ``decay`` (per-step lr) by a linear ramp to ``lr``."""
-    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), len(decay))
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, len(decay))
     if warmup_steps > 0:
         decay[:warmup_steps] = warmup_lr + (lr - warmup_lr) * np.arange(warmup_steps) / warmup_steps
     return decay.astype(np.float32)
+
+
+def _require(ok: bool, key: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"scheduler.{key} must be {rule}, got {value}")
+
+
+def _check_run(epochs: int, steps_per_epoch: int, warmup_epochs: float, peak: str, **rates: float) -> None:
+    """Checks shared by the recipe schedules: positive run length and ``peak`` lr, non-negative warmup and rates."""
+    _require(rates[peak] > 0, peak, "> 0", rates[peak])
+    _require(epochs > 0, "epochs", "> 0", epochs)
+    _require(steps_per_epoch > 0, "steps_per_epoch", "> 0", steps_per_epoch)
+    _require(warmup_epochs >= 0, "warmup_epochs", ">= 0", warmup_epochs)
+    for key, value in rates.items():
+        _require(value >= 0, key, ">= 0", value)
 
 
 def cosine(
@@ -32,7 +57,7 @@ def cosine(
 ) -> np.ndarray:
     """Cosine decay from ``lr`` to ``min_lr`` over the steps after warmup (Loshchilov & Hutter 2017)."""
     total = epochs * steps_per_epoch
-    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
     progress = np.clip((np.arange(total) - warmup_steps) / max(total - warmup_steps, 1), 0.0, 1.0)
     decay = min_lr + 0.5 * (lr - min_lr) * (1.0 + np.cos(np.pi * progress))
     return _with_warmup(decay, lr, warmup_lr, warmup_epochs, steps_per_epoch)
@@ -51,3 +76,107 @@ def multistep(
     epoch_of_step = np.arange(epochs * steps_per_epoch) // steps_per_epoch
     decay = lr * gamma ** np.searchsorted(np.asarray(sorted(milestones)), epoch_of_step, side="right")
     return _with_warmup(decay.astype(np.float64), lr, warmup_lr, warmup_epochs, steps_per_epoch)
+
+
+def cosine_annealing(
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    t_max: float,
+    eta_min: float = 0.0,
+    warmup_epochs: float = 0.0,
+    warmup_lr: float = 0.0,
+) -> np.ndarray:
+    """ResNeXt50 recipe's ``lr_scheduler: cosine_annealing``.
+
+    Reproduces ``warmup_cosine_annealing_lr`` in ``research/cv/ResNeXt/src/lr_generator.py``.
+    After warmup, step ``i`` gets ``eta_min + (lr - eta_min) * (1 + cos(pi * e / t_max)) / 2`` with the
+    integer epoch ``e = i // steps_per_epoch`` counted from the start of the run (not from the end of
+    warmup): the lr is constant within an epoch, and rises again past ``t_max`` as in the reference.
+    Warmup step ``i`` gets ``warmup_lr + (lr - warmup_lr) * (i + 1) / warmup_steps``, so it reaches
+    ``lr`` on the last warmup step.
+    """
+    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr", lr=lr, eta_min=eta_min, warmup_lr=warmup_lr)
+    _require(t_max > 0, "t_max", "> 0", t_max)
+    _require(eta_min <= lr, "eta_min", f"<= scheduler.lr ({lr})", eta_min)
+    total = epochs * steps_per_epoch
+    step = np.arange(total)
+    decay = eta_min + (lr - eta_min) * (1.0 + np.cos(np.pi * (step // steps_per_epoch) / t_max)) / 2
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+    if warmup_steps > 0:
+        decay[:warmup_steps] = warmup_lr + (lr - warmup_lr) * (step[:warmup_steps] + 1) / warmup_steps
+    return decay.astype(np.float32)
+
+
+def linear(
+    lr_init: float,
+    lr_max: float,
+    lr_end: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+) -> np.ndarray:
+    """EfficientNet-B2 recipe's ``lr_decay_mode: liner``: linear warmup to ``lr_max``, then linear decay to ``lr_end``.
+
+    Reproduces the fallback branch of ``get_lr`` in ``official/cv/Efficientnet/efficientnet-b2/src/lr_generator.py``:
+    ``lr_init + (lr_max - lr_init) * i / w`` for steps ``i < w``, then
+    ``lr_max - (lr_max - lr_end) * (i - w) / (total - w)``: ``lr_max`` exactly at step ``w``, and the
+    last step is one decrement above ``lr_end`` (the reference never reaches ``lr_end`` itself).
+    """
+    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr_max", lr_init=lr_init, lr_max=lr_max, lr_end=lr_end)
+    _require(lr_init <= lr_max, "lr_init", f"<= scheduler.lr_max ({lr_max})", lr_init)
+    _require(lr_end <= lr_max, "lr_end", f"<= scheduler.lr_max ({lr_max})", lr_end)
+    total = epochs * steps_per_epoch
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+    decay = lr_max - (lr_max - lr_end) * (np.arange(total) - warmup_steps) / max(total - warmup_steps, 1)
+    return _with_warmup(decay, lr_max, lr_init, warmup_epochs, steps_per_epoch)
+
+
+def exponential(
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    decay_rate: float,
+    decay_epochs: float,
+    staircase: bool = True,
+    min_lr: float = 0.0,
+    warmup_epochs: float = 0.0,
+    warmup_lr: float = 0.0,
+) -> np.ndarray:
+    """NASNet-A-Mobile recipe's decay (``lr_decay_rate``, ``num_epoch_per_decay``), TF's ``exponential_decay``.
+
+    Reproduces ``get_lr`` in ``research/cv/nasnet/src/lr_generator.py``: step ``i`` gets
+    ``max(lr * decay_rate ** p, min_lr)`` with ``p = i / (steps_per_epoch * decay_epochs)``, floored when
+    ``staircase`` (the recipe trains with ``is_stair=True``). The decay counts from step 0; warmup (absent
+    from the recipe) replaces its first steps.
+    """
+    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr", lr=lr, min_lr=min_lr, warmup_lr=warmup_lr)
+    _require(0 < decay_rate <= 1, "decay_rate", "in (0, 1]", decay_rate)
+    _require(decay_epochs > 0, "decay_epochs", "> 0", decay_epochs)
+    _require(min_lr <= lr, "min_lr", f"<= scheduler.lr ({lr})", min_lr)
+    power = np.arange(epochs * steps_per_epoch) / (steps_per_epoch * decay_epochs)
+    if staircase:
+        power = np.floor(power)
+    decay = np.maximum(lr * decay_rate**power, min_lr)
+    return _with_warmup(decay, lr, warmup_lr, warmup_epochs, steps_per_epoch)
+
+
+def plot_schedule(lr_per_step: np.ndarray, steps_per_epoch: int, title: str) -> Figure:
+    """Line plot of lr against epoch (``step / steps_per_epoch``); log y when the positive lrs span > 2 decades.
+
+    Built on ``matplotlib.figure.Figure`` (no pyplot state, renders with Agg), e.g. for ``log_figure``.
+    """
+    from matplotlib.figure import Figure
+
+    _require(steps_per_epoch > 0, "steps_per_epoch", "> 0", steps_per_epoch)
+    lr = np.asarray(lr_per_step)
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(np.arange(lr.size) / steps_per_epoch, lr)
+    positive = lr[lr > 0]
+    if positive.size and positive.max() > 100 * positive.min():
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    return fig

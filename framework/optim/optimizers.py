@@ -1,0 +1,239 @@
+"""Optimizer factory for the ``optimizer/`` configs.
+
+``create_optimizer(params, learning_rate, name=...)`` builds one of:
+
+- ``sgd`` (``nn.SGD``), ``momentum`` (``nn.Momentum``), ``adamw`` (``nn.AdamWeightDecay``);
+- ``rmsprop_tf``: RMSProp in TensorFlow's form (``tf.compat.v1.train.RMSPropOptimizer``, timm's ``RMSpropTF``)::
+
+      ms  = rho * ms + (1 - rho) * g**2        # ms initialised to ONES
+      mom = momentum * mom + lr * g / sqrt(ms + eps)
+      w   = w - mom
+
+  ``nn.RMSProp`` documents this form and initialises the mean square to ones, but MindSpore 2.8's CPU
+  ``ApplyRMSProp`` kernel puts eps outside the square root (``sqrt(ms) + eps``) for all but the last
+  ``size % 8`` elements of a tensor (its SIMD path): a ~30% smaller step at eps 1.0 (NASNet). :class:`RMSPropTF`
+  keeps ``nn.RMSProp``'s state and computes the update with plain tensor ops instead;
+- ``sgd_agc``: SGD with momentum and Adaptive Gradient Clipping (Brock, De, Smith, Simonyan 2021, "High-Performance
+  Large-Scale Image Recognition Without Normalization", arXiv:2102.06171), see :class:`AGCMomentum`.
+
+Weight decay: with ``filter_bias_and_norm`` biases, norm weights/biases (``gamma``/``beta``), NFNet gains
+(``gain``, ``skipinit_gain``) and every parameter with ``ndim <= 1`` are put in a parameter group with weight decay
+0. Without it the parameters are passed ungrouped and MindSpore's own rule applies: every parameter is decayed
+except those whose name contains ``gamma`` or ``beta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as ops
+from mindspore import Parameter, Tensor
+
+OPTIMIZERS = ("sgd", "momentum", "adamw", "rmsprop_tf", "sgd_agc")
+
+# Last name component of parameters that are never decayed when filtering (besides every ndim <= 1 parameter).
+NO_DECAY_NAMES = ("bias", "gain", "skipinit_gain")
+
+_agc_clip = ops.MultitypeFuncGraph("agc_clip")
+_rmsprop_tf = ops.MultitypeFuncGraph("rmsprop_tf")
+
+
+def _unitwise_norm(x: Tensor) -> Tensor:
+    """L2 norm per output unit (over all dims but the first, kept for broadcasting); whole-tensor norm if ndim <= 1."""
+    if x.ndim <= 1:
+        return ops.sqrt(ops.square(x).sum())
+    return ops.sqrt(ops.square(x).sum(axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+@_agc_clip.register("Number", "Number", "Tensor", "Bool", "Tensor", "Tensor")
+def _agc_clip_tensor(clipping, eps, inv_loss_scale, clip, weight, grad):
+    """``grad · min(1, clipping · max(‖w‖, eps) / max(‖grad‖, 1e-6))`` unit-wise; ``grad`` may carry the loss scale."""
+    if not clip:
+        return grad
+    max_norm = ops.maximum(_unitwise_norm(weight.astype(grad.dtype)), eps) * clipping
+    grad_norm = ops.maximum(_unitwise_norm(grad) * inv_loss_scale.astype(grad.dtype), 1e-6)
+    return grad * ops.minimum(max_norm / grad_norm, 1.0)
+
+
+@_rmsprop_tf.register("Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _rmsprop_tf_update(decay, momentum, eps, lr, weight, mean_square, moment, grad):
+    """TF's ApplyRMSProp on one parameter."""
+    mean_square_new = mean_square * decay + ops.square(grad) * (1.0 - decay)
+    moment_new = moment * momentum + lr.astype(grad.dtype) * grad / ops.sqrt(mean_square_new + eps)
+    success = ops.depend(True, ops.assign(mean_square, mean_square_new))
+    success = ops.depend(success, ops.assign(moment, moment_new))
+    return ops.depend(success, ops.assign_sub(weight, moment_new))
+
+
+class RMSPropTF(nn.RMSProp):
+    """RMSProp in TensorFlow's form: mean square starts at ones, eps inside the square root, lr in the momentum."""
+
+    def __init__(
+        self,
+        params: list,
+        learning_rate,
+        decay: float = 0.9,
+        momentum: float = 0.9,
+        epsilon: float = 1e-3,
+        loss_scale: float = 1.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params, learning_rate, decay, momentum, epsilon, loss_scale=loss_scale, weight_decay=weight_decay
+        )
+
+    @ms.jit
+    def construct(self, gradients):
+        gradients = self.decay_weight(gradients)
+        gradients = self.gradients_centralization(gradients)
+        gradients = self.scale_grad(gradients)
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        if self.is_group_lr:
+            update = ops.partial(_rmsprop_tf, self.decay, self.momentum, self.epsilon)
+            return self.hyper_map(update, lr, self._parameters, self.ms, self.moment, gradients)
+        update = ops.partial(_rmsprop_tf, self.decay, self.momentum, self.epsilon, lr)
+        return self.hyper_map(update, self._parameters, self.ms, self.moment, gradients)
+
+
+class AGCMomentum(nn.Momentum):
+    """``nn.Momentum`` that applies Adaptive Gradient Clipping to the gradients before its update.
+
+    Clipping acts on the raw gradient, before weight decay is added (as timm's ``adaptive_clip_grad`` before the
+    optimizer step); with a static ``loss_scale`` the norms are taken of the un-scaled gradient. Parameters whose
+    name is one of ``exclude`` or starts with ``<exclude>.`` (the final classifier) are not clipped.
+    """
+
+    def __init__(
+        self,
+        params: list,
+        learning_rate,
+        momentum: float,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str] = (),
+        weight_decay: float = 0.0,
+        loss_scale: float = 1.0,
+        use_nesterov: bool = False,
+    ) -> None:
+        super().__init__(params, learning_rate, momentum, weight_decay, loss_scale, use_nesterov)
+        self.clipping, self.clip_eps = float(clipping), float(eps)
+        self.clip_flags = tuple(not _excluded(p.name, exclude) for p in self._parameters)
+
+    @ms.jit
+    def construct(self, gradients):
+        clip = ops.partial(_agc_clip, self.clipping, self.clip_eps, self.reciprocal_scale)
+        gradients = self.hyper_map(clip, self.clip_flags, self._parameters, gradients)
+        return super().construct(gradients)
+
+
+def create_optimizer(
+    params: list[Parameter],
+    learning_rate: Tensor | float,
+    name: str,
+    weight_decay: float = 0.0,
+    filter_bias_and_norm: bool = True,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    rmsprop_decay: float = 0.9,
+    agc_clipping: float = 0.01,
+    agc_eps: float = 1e-3,
+    agc_exclude: Sequence[str] = ("head.fc",),
+    loss_scale: float = 1.0,
+) -> nn.Optimizer:
+    """Optimizer ``name`` over ``params``; ``learning_rate`` is a float or a per-step Tensor (indexed by global step).
+
+    ``momentum`` is the SGD/Momentum/AGC momentum and RMSProp's momentum; ``betas`` and ``eps`` are AdamW's, ``eps``
+    is also RMSProp's (added inside the square root), ``rmsprop_decay`` its mean-square decay (rho). ``agc_*`` only
+    act for ``sgd_agc``. ``loss_scale`` is a static loss scale the optimizer divides the gradients by (not AdamW).
+    """
+    _check_values(name, weight_decay, momentum, nesterov, betas, eps, rmsprop_decay, agc_clipping, agc_eps, loss_scale)
+    params = list(params)
+    weight_decay, momentum, loss_scale = float(weight_decay), float(momentum), float(loss_scale)
+    groups = _param_groups(params, weight_decay) if filter_bias_and_norm else params
+    if name == "sgd":
+        return nn.SGD(
+            groups, learning_rate, momentum, weight_decay=weight_decay, nesterov=nesterov, loss_scale=loss_scale
+        )
+    if name == "momentum":
+        return nn.Momentum(groups, learning_rate, momentum, weight_decay, loss_scale, use_nesterov=nesterov)
+    if name == "adamw":
+        beta1, beta2 = (float(b) for b in betas)
+        return nn.AdamWeightDecay(groups, learning_rate, beta1, beta2, float(eps), weight_decay)
+    if name == "rmsprop_tf":
+        return RMSPropTF(groups, learning_rate, float(rmsprop_decay), momentum, float(eps), loss_scale, weight_decay)
+    exclude = tuple(str(prefix) for prefix in agc_exclude)
+    _check_agc_exclude(exclude, params)
+    return AGCMomentum(
+        groups, learning_rate, momentum, agc_clipping, agc_eps, exclude, weight_decay, loss_scale, use_nesterov=nesterov
+    )
+
+
+def no_weight_decay(param: Parameter) -> bool:
+    """Whether ``param`` is exempt from weight decay when filtering: ndim <= 1, a bias or an NFNet gain."""
+    return param.ndim <= 1 or param.name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+
+
+def _param_groups(params: list[Parameter], weight_decay: float) -> list[dict]:
+    """MindSpore group params: decayed / not decayed, in the network's parameter order."""
+    no_decay = [p for p in params if no_weight_decay(p)]
+    decay = [p for p in params if not no_weight_decay(p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]] + [{"order_params": params}]
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in exclude)
+
+
+def _check_agc_exclude(exclude: Sequence[str], params: list[Parameter]) -> None:
+    for prefix in exclude:
+        if not any(_excluded(p.name, (prefix,)) for p in params):
+            names = [p.name for p in params]
+            names = ", ".join(names[:3] + ["..."] + names[-2:] if len(names) > 5 else names)
+            raise ValueError(
+                f"optimizer.agc_exclude: '{prefix}' matches no parameter (names are e.g. {names}); list the module "
+                "prefixes of the parameters to leave unclipped (the classifier, e.g. head.fc), or [] for none"
+            )
+
+
+def _check_values(
+    name: str,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    betas: Sequence[float],
+    eps: float,
+    rmsprop_decay: float,
+    agc_clipping: float,
+    agc_eps: float,
+    loss_scale: float,
+) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"optimizer.momentum must be in [0, 1), got {momentum}")
+    if nesterov and momentum == 0 and name in ("sgd", "momentum", "sgd_agc"):
+        raise ValueError("optimizer.nesterov needs optimizer.momentum > 0, got momentum 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(betas)}")
+    if eps <= 0:
+        raise ValueError(f"optimizer.eps must be > 0, got {eps}")
+    if not 0 <= rmsprop_decay < 1:
+        raise ValueError(f"optimizer.rmsprop_decay must be in [0, 1), got {rmsprop_decay}")
+    if agc_clipping <= 0:
+        raise ValueError(f"optimizer.agc_clipping must be > 0, got {agc_clipping}")
+    if agc_eps <= 0:
+        raise ValueError(f"optimizer.agc_eps must be > 0, got {agc_eps}")
+    if loss_scale <= 0:
+        raise ValueError(f"optimizer.loss_scale must be > 0, got {loss_scale}")
+    if name == "adamw" and loss_scale != 1:
+        raise ValueError(
+            f"optimizer.loss_scale must be 1 for adamw (nn.AdamWeightDecay does not un-scale), got {loss_scale}"
+        )
