@@ -40,7 +40,8 @@ def test_run_logs_params_tags_and_status(trained):
     assert params["model.name"] == "resnext50_32x4d"
     assert params["dataset.image_size"] == "16"
     assert params["engine.epochs"] == "2"
-    assert params["optimizer._target_"] == "mindspore.nn.Momentum"
+    assert params["optimizer._target_"] == "framework.optim.optimizers.create_optimizer"
+    assert params["optimizer.name"] == "momentum"
     tags = run.data.tags
     assert tags["model"] == "resnext50_32x4d" and tags["dataset"] == "digits" and tags["hardware"] == "cpu"
     assert tags["mindspore_version"].startswith("2.")
@@ -64,6 +65,8 @@ def test_run_logs_config_and_checkpoints(trained):
     tmp_path, _, client, run = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert artifacts == {"config/config.yaml", "config/overrides.yaml"}
+    top_level = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"lr_schedule.png", "data", "config", "checkpoints"} <= top_level
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert checkpoints == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
     local = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())

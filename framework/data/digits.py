@@ -7,6 +7,8 @@ the same pipeline (transforms, mixup, sharding) as an ImageNet folder.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -26,6 +28,9 @@ class ArraySource:
     def __getitem__(self, key: int) -> tuple[np.ndarray, np.int32, np.int64]:
         index = int(key) % len(self.labels)
         return self.images[index], self.labels[index], np.int64(key)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()
 
 
 class DigitsData(ImageData):

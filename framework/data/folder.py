@@ -8,6 +8,7 @@ by file name and recorded in a log the trainer counts — or, with ``on_bad_imag
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -85,6 +86,12 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """Hash of the file list (paths relative to the split folder) and labels; contents are not read."""
+        root = os.path.commonpath(self.files) if len(self.files) > 1 else os.path.dirname(self.files[0])
+        listing = "".join(f"{os.path.relpath(f, root)}\t{y}\n" for f, y in zip(self.files, self.labels, strict=True))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
     def __getitem__(self, key: int) -> tuple[np.ndarray, np.int32, np.int64]:
         index = int(key) % len(self.files)
         for _ in range(MAX_CONSECUTIVE_BAD):
@@ -124,8 +131,6 @@ def read_bad_image_log(path: Path | None) -> list[str]:
 class ImageFolderData(ImageData):
     """``path/train_dir`` and ``path/val_dir`` in ImageNet folder layout, checked before training."""
 
-    reads_files = True
-
     def __init__(
         self,
         path: str,
@@ -160,3 +165,6 @@ class ImageFolderData(ImageData):
 
     def bad_images(self) -> list[str]:
         return read_bad_image_log(self.bad_image_log)
+
+    def health_metrics(self) -> dict[str, float]:
+        return {"data_bad_images": len(self.bad_images())}

@@ -29,6 +29,10 @@ class ImageSource(Protocol):
 
     def __getitem__(self, key: int) -> tuple[np.ndarray, np.int32, np.int64]: ...
 
+    def fingerprint(self) -> str:
+        """sha256 of what defines the split (file list and labels, or the arrays)."""
+        ...
+
 
 class ImageData:
     """Train/val loaders of one dataset: ``loader(split, shard_id, num_shards)`` gives batches of
@@ -79,23 +83,43 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    reads_files = False  # sources decoding files from disk can meet unreadable ones (see bad_images)
-
     def bad_images(self) -> list[str]:
         """Files found unreadable (and skipped) so far; in-memory sources have none."""
         return []
 
+    def health_metrics(self) -> dict[str, float]:
+        """Per-epoch data-health figures for MLflow (file-reading sources count skipped images)."""
+        return {}
+
+    def fingerprint(self) -> dict[str, str | int]:
+        """Item counts and content hashes per split, logged with each run to tell datasets apart."""
+        return {
+            key: value
+            for split, source in self.sources.items()
+            for key, value in ((f"{split}_items", len(source)), (f"{split}_sha256", source.fingerprint()))
+        }
+
     def num_samples(self, split: str) -> int:
         return len(self.sources[split])
 
-    def loader(self, split: str, shard_id: int = 0, num_shards: int = 1) -> ds.Dataset:
-        """Batched pipeline for ``split``; train is shuffled, augmented and padded to equal shards."""
+    def steps_per_epoch(self, num_shards: int = 1) -> int:
+        """Full train batches per epoch on each of ``num_shards`` ranks (the last partial batch is dropped)."""
+        return -(-len(self.sources["train"]) // num_shards) // self.batch_size
+
+    def loader(self, split: str, shard_id: int = 0, num_shards: int = 1, epoch: int = 0) -> ds.Dataset:
+        """Batched pipeline for ``split`` from ``epoch`` on; train is shuffled, augmented and padded to equal shards.
+
+        Everything random depends on (``seed``, epoch, sample), so the pipeline made for epoch ``e``
+        of a resumed run gives the batches an uninterrupted run saw in that epoch.
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
         training = split == "train"
         ds.config.set_prefetch_size(self.prefetch_size)
-        ds.config.set_seed(self.seed)  # seeds the C++ random ops (crop, flip) built below
-        sampler = ShardSampler(len(self.sources[split]), training, self.seed, shard_id, num_shards, pad=training)
+        ds.config.set_seed((self.seed * 1_000_003 + epoch) % 2**32)  # seeds the C++ random ops (crop, flip) below
+        sampler = ShardSampler(
+            len(self.sources[split]), training, self.seed, shard_id, num_shards, pad=training, first_epoch=epoch
+        )
         # The generator only emits keys; loading runs as a map op. (GeneratorDataset's own worker threads
         # install MindSpore's C signal handlers in this process, which would kill it on SIGTERM/Ctrl-C.)
         dataset = ds.GeneratorDataset(SampleKeys(sampler.num_items), column_names=["key"], sampler=sampler)

@@ -14,11 +14,19 @@ class ShardSampler(ds.Sampler):
     dataset. With ``pad`` the permutation wraps around so every shard gets the same number of items
     (data-parallel ranks must run the same number of steps); without it (evaluation) nothing repeats.
     Sources recover the index as ``key % num_items``; random ops seed themselves from the key, which
-    makes augmentation independent of worker scheduling.
+    makes augmentation independent of worker scheduling. ``first_epoch`` starts the sequence later
+    (a resumed run gets exactly the epochs it has not seen).
     """
 
     def __init__(
-        self, num_items: int, shuffle: bool, seed: int, shard_id: int = 0, num_shards: int = 1, pad: bool = True
+        self,
+        num_items: int,
+        shuffle: bool,
+        seed: int,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        pad: bool = True,
+        first_epoch: int = 0,
     ) -> None:
         if num_shards < 1 or not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id must be in [0, {num_shards}) with num_shards >= 1, got {shard_id}/{num_shards}")
@@ -27,7 +35,7 @@ class ShardSampler(ds.Sampler):
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
         self.shard_id, self.num_shards, self.pad = shard_id, num_shards, pad
         self.per_shard = -(-num_items // num_shards) if pad else len(range(shard_id, num_items, num_shards))
-        self.epoch = 0
+        self.epoch = first_epoch
         super().__init__(num_samples=self.per_shard)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:

@@ -1,21 +1,29 @@
-"""Training loop (``engine/`` configs): per-step lr, eval every N epochs, last/best/periodic checkpoints."""
+"""Training loop (``engine/`` configs): per-step lr, eval every N epochs, checkpoints, exact resume.
+
+One epoch = ``steps_per_epoch`` micro-batches; the optimizer updates every ``accumulation_steps`` of
+them and the lr schedule has one value per update. ``last.ckpt`` (every epoch, and every
+``checkpoint_every_n_steps`` updates) holds the whole training state, so ``resume`` continues where
+it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG and data position.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mindspore.dataset as ds
+import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
+from mindspore import Parameter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from framework.engine.checkpoint import save_checkpoint
+from framework.data.pipeline import ImageData
+from framework.engine.checkpoint import read_checkpoint, restore_parameters, save_checkpoint
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
+from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
 from framework.tracking import MlflowRun
 
 
@@ -40,71 +48,117 @@ class Trainer:
         epochs: int,
         eval_every_n_epochs: int = 1,
         checkpoint_every_n_epochs: int = 0,
+        checkpoint_every_n_steps: int = 0,
         keep_checkpoint_max: int = 1,
         monitor: str = "val_top1",
         limit_train_batches: int | None = None,
+        amp_level: str = "O0",
+        loss_scale: str = "none",
+        loss_scale_value: float = 1024.0,
+        loss_scale_factor: int = 2,
+        loss_scale_window: int = 1000,
+        clip_grad_norm: float | None = None,
+        accumulation_steps: int = 1,
+        ema_decay: float | None = None,
+        eval_ema: bool = False,
     ) -> None:
+        if eval_ema and ema_decay is None:
+            raise ValueError("engine.eval_ema=true needs engine.ema_decay (e.g. 0.9998)")
+        make_loss_scaler(loss_scale, loss_scale_value, loss_scale_factor, loss_scale_window)  # validate now
+        if amp_level not in AMP_LEVELS:
+            raise ValueError(f"engine.amp_level must be one of {', '.join(AMP_LEVELS)}, got '{amp_level}'")
         self.epochs = epochs
         self.eval_every_n_epochs = eval_every_n_epochs
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.keep_checkpoint_max = keep_checkpoint_max
         self.monitor = monitor
         self.limit_train_batches = limit_train_batches
+        self.amp_level = amp_level
+        self.loss_scale = (loss_scale, loss_scale_value, loss_scale_factor, loss_scale_window)
+        self.clip_grad_norm = clip_grad_norm
+        self.accumulation_steps = accumulation_steps
+        self.ema_decay, self.eval_ema = ema_decay, eval_ema
 
-    def steps_per_epoch(self, train_loader: ds.Dataset) -> int:
-        steps = train_loader.get_dataset_size()
-        return min(steps, self.limit_train_batches) if self.limit_train_batches else steps
+    def steps_per_epoch(self, batches_per_epoch: int) -> int:
+        """Micro-batches used per epoch: all full batches (or ``limit_train_batches``), whole accumulations only."""
+        steps = min(batches_per_epoch, self.limit_train_batches) if self.limit_train_batches else batches_per_epoch
+        return steps - steps % self.accumulation_steps
+
+    def updates_per_epoch(self, batches_per_epoch: int) -> int:
+        """Optimizer updates per epoch: the length of one epoch of the lr schedule."""
+        return self.steps_per_epoch(batches_per_epoch) // self.accumulation_steps
+
+    def train_step(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer) -> tuple[nn.Cell, TrainStep]:
+        """The network cast to ``amp_level``, and its step with this engine's scaling, clipping, accumulation."""
+        network = apply_amp(network, self.amp_level)
+        loss_scaler = make_loss_scaler(*self.loss_scale)
+        step = TrainStep(
+            HeadsLoss(network, loss_fn), optimizer, loss_scaler, self.clip_grad_norm, self.accumulation_steps
+        )
+        return network, step
 
     def fit(
         self,
         network: nn.Cell,
         loss_fn: nn.Cell,
         optimizer: nn.Optimizer,
-        lr_per_step: np.ndarray,
-        train_loader: ds.Dataset,
-        val_loader: ds.Dataset,
+        lr_per_update: np.ndarray,
+        data: ImageData,
         run: MlflowRun,
         checkpoint_dir: Path,
         checkpoint_meta: dict[str, Any],
-        data_metrics: Callable[[], dict[str, float]] | None = None,
+        resume_from: Path | None = None,
     ) -> FitResult:
-        """Train; ``data_metrics()`` adds data-health figures (e.g. skipped images) to each epoch's metrics."""
-        steps_per_epoch = self.steps_per_epoch(train_loader)
-        if self.limit_train_batches:
-            train_loader = train_loader.take(steps_per_epoch)
-        train_step = nn.TrainOneStepCell(HeadsLoss(network, loss_fn), optimizer)
-        batches = train_loader.create_tuple_iterator(num_epochs=self.epochs)
-        result = FitResult()
-        global_step, report_every = 0, max(1, steps_per_epoch // 10)
+        """Train (from the training state in ``resume_from`` if given), logging to ``run``."""
+        steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch())
+        network, step = self.train_step(network, loss_fn, optimizer)
+        ema = EMA(network, self.ema_decay) if self.ema_decay else None
+        state = _training_state(network, optimizer, step, ema)
+        result, done = FitResult(), 0
+        if resume_from is not None:
+            done = self._resume(resume_from, state, result)
+        step.micro_step = done
+        skipped = 0
         with _progress() as progress:
-            task = progress.add_task("train", total=self.epochs * steps_per_epoch, loss=float("nan"), lr=0.0, ips=0.0)
-            for epoch in range(1, self.epochs + 1):
+            total = self.epochs * steps_per_epoch
+            task = progress.add_task("train", total=total, completed=done, loss=float("nan"), lr=0.0, ips=0.0)
+            for epoch in range(done // steps_per_epoch + 1, self.epochs + 1):
                 network.set_train(True)
                 progress.update(task, description=f"epoch {epoch}/{self.epochs}")
+                loader = data.loader("train", epoch=epoch - 1).take(steps_per_epoch).skip(done % steps_per_epoch)
                 images_seen, timed_since = 0, None
-                for images, labels in batches:
-                    loss = float(train_step(images, labels).asnumpy())
-                    lr = float(lr_per_step[global_step])
-                    global_step += 1
-                    run.log_metrics({"train_loss": loss, "lr": lr}, step=global_step)
+                for images, labels in loader.create_tuple_iterator(num_epochs=1):
+                    loss, finite = step(images, labels)
+                    loss, finite = float(loss.asnumpy()), bool(finite.asnumpy())
+                    done = step.micro_step
+                    updated = done % self.accumulation_steps == 0  # this micro-batch ended an accumulation
+                    lr = float(lr_per_update[(done - 1) // self.accumulation_steps])
+                    metrics = {"train_loss": loss, "lr": lr}
+                    if updated:
+                        if ema is not None and finite:
+                            ema.update()
+                        skipped += not finite
+                        metrics.update(loss_scale=step.loss_scale, skipped_steps=skipped)
+                    run.log_metrics(metrics, step=done)
                     if timed_since is None:  # the first step of an epoch may include graph compilation
                         timed_since = time.perf_counter()
                     else:
                         images_seen += images.shape[0]
                     ips = images_seen / max(time.perf_counter() - timed_since, 1e-9)
                     progress.update(task, advance=1, loss=loss, lr=lr, ips=ips)
-                    if not progress.console.is_terminal and global_step % report_every == 0:
-                        # Logs and batch jobs get no live bar: a plain line ten times per epoch instead.
-                        remaining = progress.tasks[task].time_remaining
-                        progress.console.print(
-                            f"epoch {epoch}/{self.epochs} step {global_step}/{self.epochs * steps_per_epoch} "
-                            f"loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s eta {remaining or 0:.0f} s"
+                    self._report(progress, task, epoch, done, total, loss, lr, ips, steps_per_epoch)
+                    if not np.isfinite(loss) and self.loss_scale[0] == "none":
+                        raise FloatingPointError(f"train loss is {loss} at step {done} (epoch {epoch})")
+                    updates = done // self.accumulation_steps
+                    every = self.checkpoint_every_n_steps
+                    if updated and every and updates % every == 0 and done % steps_per_epoch:  # epoch ends save anyway
+                        self._save_state(
+                            state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result, f"step_{done:08d}"
                         )
-                    if not np.isfinite(loss):
-                        raise FloatingPointError(f"train loss is {loss} at step {global_step} (epoch {epoch})")
-                epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **(data_metrics() if data_metrics else {})}
+                epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
                 if epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs:
-                    val = evaluate(network, val_loader)
+                    val = self._evaluate(network, data, ema)
                     epoch_metrics.update({f"val_{k}": v for k, v in val.items()})
                     progress.console.print(
                         f"epoch {epoch}: val_loss {val['loss']:.4f}  val_top1 {val['top1']:.4f}  "
@@ -113,30 +167,94 @@ class Trainer:
                 run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
                 run.flush()
                 result.history.append(epoch_metrics)
-                self._checkpoint(network, epoch, global_step, epoch_metrics, result, checkpoint_dir, checkpoint_meta)
+                self._checkpoint_epoch(
+                    network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta
+                )
         return result
 
-    def _checkpoint(
+    def _evaluate(self, network: nn.Cell, data: ImageData, ema: EMA | None) -> dict[str, float]:
+        if ema is not None and self.eval_ema:
+            with ema.swapped_in():
+                return evaluate(network, data.loader("val"))
+        return evaluate(network, data.loader("val"))
+
+    def _report(self, progress: Progress, task: int, epoch: int, done: int, total: int, loss: float, lr: float,
+                ips: float, steps_per_epoch: int) -> None:  # fmt: skip
+        """Logs and batch jobs get no live bar: a plain line ten times per epoch instead."""
+        if not progress.console.is_terminal and done % max(1, steps_per_epoch // 10) == 0:
+            remaining = progress.tasks[task].time_remaining
+            progress.console.print(
+                f"epoch {epoch}/{self.epochs} step {done}/{total} "
+                f"loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s eta {remaining or 0:.0f} s"
+            )
+
+    def _save_state(
+        self,
+        state: dict[str, Parameter],
+        directory: Path,
+        meta: dict[str, Any],
+        epoch: int,
+        done: int,
+        result: FitResult,
+        periodic_name: str | None,
+    ) -> None:
+        """Write the training state to last.ckpt and, if named, a periodic file (newest few kept)."""
+        meta = {
+            **meta, "epoch": epoch, "global_step": done, "history": result.history, "best": result.best,
+            "rng_state": ms.get_rng_state().asnumpy().tolist(),
+        }  # fmt: skip
+        result.checkpoints["last"] = save_checkpoint(state, directory / "last.ckpt", meta)
+        if periodic_name:
+            save_checkpoint(state, directory / f"{periodic_name}.ckpt", meta)
+            prefix = periodic_name.split("_")[0]
+            for stale in sorted(directory.glob(f"{prefix}_*.ckpt"))[: -self.keep_checkpoint_max]:
+                stale.unlink()
+
+    def _checkpoint_epoch(
         self,
         network: nn.Cell,
+        ema: EMA | None,
+        state: dict[str, Parameter],
         epoch: int,
-        global_step: int,
+        done: int,
         metrics: dict[str, float],
         result: FitResult,
         directory: Path,
         meta: dict[str, Any],
     ) -> None:
-        """Write last.ckpt every epoch, best.ckpt when the monitored metric improves, and periodic files."""
-        meta = {**meta, "epoch": epoch, "global_step": global_step, "metrics": metrics}
-        result.checkpoints["last"] = save_checkpoint(network, directory / "last.ckpt", meta)
+        """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files."""
         value = metrics.get(self.monitor)
         if value is not None and (result.best is None or value > result.best[self.monitor]):
             result.best = metrics
-            result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", meta)
-        if self.checkpoint_every_n_epochs and epoch % self.checkpoint_every_n_epochs == 0:
-            save_checkpoint(network, directory / f"epoch_{epoch:04d}.ckpt", meta)
-            for stale in sorted(directory.glob("epoch_*.ckpt"))[: -self.keep_checkpoint_max]:
-                stale.unlink()
+            best_meta = {**meta, "epoch": epoch, "global_step": done, "metrics": metrics, "ema": self.eval_ema}
+            if ema is not None and self.eval_ema:
+                with ema.swapped_in():
+                    result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
+            else:
+                result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
+        periodic = self.checkpoint_every_n_epochs and epoch % self.checkpoint_every_n_epochs == 0
+        self._save_state(state, directory, meta, epoch, done, result, f"epoch_{epoch:04d}" if periodic else None)
+
+    def _resume(self, path: Path, state: dict[str, Parameter], result: FitResult) -> int:
+        """Restore the training state saved in ``path``; returns the number of micro-steps already done."""
+        params, meta = read_checkpoint(path)
+        restore_parameters(state, params, path)
+        ms.set_rng_state(ms.Tensor(np.asarray(meta["rng_state"], np.uint8)))
+        result.history = list(meta.get("history", []))
+        result.best = meta.get("best")
+        return int(meta["global_step"])
+
+
+def _training_state(
+    network: nn.Cell, optimizer: nn.Optimizer, step: TrainStep, ema: EMA | None
+) -> dict[str, Parameter]:
+    """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA."""
+    state = {p.name: p for p in network.get_parameters()}
+    state.update({p.name: p for p in optimizer.get_parameters()})
+    state.update({f"loss_scaler.{k}": v for k, v in vars(step.loss_scaler).items() if isinstance(v, Parameter)})
+    if ema is not None:
+        state.update({p.name: p for p in ema.shadow})
+    return state
 
 
 def _progress() -> Progress:

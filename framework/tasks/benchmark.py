@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mindspore.dataset as ds
-import mindspore.nn as nn
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
-from framework.engine.losses import HeadsLoss
+from framework.engine.step import TrainStep
 from framework.launch.signals import stop_signals_interrupt
 from framework.tasks.common import build_model, log_run_spec, prepare, print_summary, run_tags
 
@@ -53,13 +52,13 @@ def data_images_per_second(loader: ds.Dataset, warmup_batches: int, batches: int
     return images / (time.perf_counter() - start)
 
 
-def train_step_images_per_second(step: nn.Cell, images, labels, warmup_steps: int, steps: int) -> float:
+def train_step_images_per_second(step: TrainStep, images, labels, warmup_steps: int, steps: int) -> float:
     """img/s of ``step(images, labels)`` repeated ``steps`` times after ``warmup_steps`` (compilation)."""
     for _ in range(warmup_steps):
-        step(images, labels).asnumpy()
+        step(images, labels)[0].asnumpy()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = step(images, labels)
+        loss, _ = step(images, labels)
     loss.asnumpy()  # wait for the last step
     return steps * images.shape[0] / (time.perf_counter() - start)
 
@@ -77,8 +76,9 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
         results["data_img_per_s"] = data_images_per_second(loader, bench.warmup_batches, bench.batches)
     if "train_step" in bench.measure:
         network = build_model(cfg, data.num_classes)
-        optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=float(cfg.scheduler.lr))
-        step = nn.TrainOneStepCell(HeadsLoss(network, build(cfg, "loss")), optimizer)
+        peak_lr = float(build(cfg, "scheduler", epochs=1, steps_per_epoch=bench.warmup_steps + bench.steps).max())
+        optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=peak_lr)
+        network, step = build(cfg, "engine").train_step(network, build(cfg, "loss"), optimizer)
         network.set_train(True)
         images, labels = next(loader.create_tuple_iterator(num_epochs=1))
         results["train_step_img_per_s"] = train_step_images_per_second(

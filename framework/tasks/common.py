@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
+from framework.engine.checkpoint import read_checkpoint
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
 
@@ -75,13 +77,18 @@ def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
 
 
 def log_run_spec(run: MlflowRun, cfg: DictConfig) -> None:
-    """Log the flattened config as params, and the composed config and overrides as artifacts."""
+    """Log the flattened config as params, the composed config and overrides, and the installed packages."""
     run.log_params(flatten(cfg))
     run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     run.log_text(OmegaConf.to_yaml(OmegaConf.create(overrides())), "config/overrides.yaml")
+    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})
+    run.log_text("\n".join(packages) + "\n", "environment/requirements-frozen.txt")
+    run.set_tags({"seed": str(cfg.seed)})
 
 
-def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker, download_dir: Path) -> tuple[Path, str | None]:
+def resolve_checkpoint(
+    ckpt: str | None, tracker: MlflowTracker, download_dir: Path, key: str = "ckpt"
+) -> tuple[Path, str | None]:
     """Local path of ``ckpt``: a file, or ``runs:/<run_id>/<artifact path>`` fetched into ``download_dir``.
 
     Returns the path and the run id named by a ``runs:/`` URI (None for a file).
@@ -91,17 +98,37 @@ def resolve_checkpoint(ckpt: str | None, tracker: MlflowTracker, download_dir: P
     if str(ckpt).startswith("runs:/"):
         parts = str(ckpt)[len("runs:/") :].split("/", 1)
         if len(parts) < 2 or not parts[1]:
-            raise ConfigError(f"ckpt={ckpt}: expected runs:/<run_id>/<artifact path> (e.g. .../checkpoints/best.ckpt)")
+            raise ConfigError(f"{key}={ckpt}: expected runs:/<run_id>/<artifact path> (e.g. .../checkpoints/best.ckpt)")
         try:
             download_dir.mkdir(parents=True, exist_ok=True)
             local = download_artifacts(artifact_uri=str(ckpt), tracking_uri=tracker.uri, dst_path=str(download_dir))
         except (MlflowException, OSError) as err:
-            raise ConfigError(f"ckpt={ckpt}: cannot fetch it from {tracker.uri}: {str(err).splitlines()[0]}") from err
+            raise ConfigError(f"{key}={ckpt}: cannot fetch it from {tracker.uri}: {str(err).splitlines()[0]}") from err
         return Path(local), parts[0]
     path = Path(ckpt).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"ckpt={ckpt}: no such checkpoint file ({path}). Pass an existing .ckpt or runs:/<id>/<path>")
+        raise ConfigError(
+            f"{key}={ckpt}: no such checkpoint file ({path}). Pass an existing .ckpt or runs:/<id>/<path>"
+        )
     return path, None
+
+
+def resolve_resume(resume: str | None, tracker: MlflowTracker, download_dir: Path) -> tuple[Path | None, str | None]:
+    """(training-state checkpoint, MLflow run to continue) for ``resume``: a .ckpt file, ``runs:/<run_id>``
+    (its ``checkpoints/last.ckpt``) or ``runs:/<run_id>/<artifact path>``; (None, None) without resume."""
+    if not resume:
+        return None, None
+    resume = str(resume)
+    if resume.startswith("runs:/") and "/" not in resume[len("runs:/") :].strip("/"):
+        resume = resume.rstrip("/") + "/checkpoints/last.ckpt"
+    path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
+    try:
+        _, meta = read_checkpoint(path)
+    except ValueError as err:
+        raise ConfigError(f"resume={resume}: {err}") from err
+    if "global_step" not in meta or "rng_state" not in meta:
+        raise ConfigError(f"resume={resume}: {path.name} holds weights only; resume from a last.ckpt or periodic one")
+    return path, run_id or meta.get("mlflow_run_id")
 
 
 def print_summary(title: str, rows: dict[str, Any]) -> None:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mindspore as ms
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, build
 from framework.engine import FitResult
 from framework.launch.signals import stop_signals_interrupt
-from framework.tasks.common import build_model, format_metrics, log_run_spec, prepare, print_summary, run_tags
+from framework.optim.schedules import plot_schedule
+from framework.tasks.common import (
+    build_model,
+    format_metrics,
+    log_run_spec,
+    prepare,
+    print_summary,
+    resolve_resume,
+    run_tags,
+)
 
 
 def train(cfg: DictConfig) -> FitResult:
@@ -21,21 +31,35 @@ def train(cfg: DictConfig) -> FitResult:
     network = build_model(cfg, data.num_classes)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
-    train_loader, val_loader = data.loader("train"), data.loader("val")
-    steps_per_epoch = trainer.steps_per_epoch(train_loader)
+    steps_per_epoch = trainer.steps_per_epoch(data.steps_per_epoch())
     if steps_per_epoch == 0:
         raise ConfigError(
             f"dataset.batch_size={cfg.dataset.batch_size} is larger than the train split "
-            f"({data.num_samples('train')} images), so an epoch has no full batch. Lower dataset.batch_size."
+            f"({data.num_samples('train')} images), or engine.accumulation_steps={trainer.accumulation_steps} "
+            "exceeds the batches per epoch, so an epoch has no optimizer update. Lower one of them."
         )
-    lr_per_step = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=steps_per_epoch)
-    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_step))
+    lr_per_update = build(
+        cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=trainer.updates_per_epoch(data.steps_per_epoch())
+    )
+    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_update))
     tracker = build(cfg, "tracking")
-    checkpoint_dir = Path(cfg.paths.run_dir) / "checkpoints"
+    run_dir = Path(cfg.paths.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    resume_from, resume_run_id = resolve_resume(cfg.get("resume"), tracker, run_dir / "resume")
 
-    with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "train")) as run:
-        log_run_spec(run, cfg)
-        run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
+    with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "train"), run_id=resume_run_id) as run:
+        if resume_from is None:
+            log_run_spec(run, cfg)
+            run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
+            fingerprint = data.fingerprint()
+            run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
+            run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
+            updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch())
+            title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(lr_per_update)} updates"
+            run.log_figure(plot_schedule(lr_per_update, updates_per_epoch, title), "lr_schedule.png")
+        else:  # params are fixed once logged; the resumed job's config is kept beside the original one
+            run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+            run.set_tags({"resumed_from": str(cfg.resume)})
         meta = {
             "model": cfg.model.name,
             "num_classes": data.num_classes,
@@ -44,16 +68,7 @@ def train(cfg: DictConfig) -> FitResult:
         }
         try:
             result = trainer.fit(
-                network,
-                loss_fn,
-                optimizer,
-                lr_per_step,
-                train_loader,
-                val_loader,
-                run,
-                checkpoint_dir,
-                meta,
-                data_metrics=(lambda: {"data_bad_images": len(data.bad_images())}) if data.reads_files else None,
+                network, loss_fn, optimizer, lr_per_update, data, run, checkpoint_dir, meta, resume_from=resume_from
             )
         finally:
             for name in ("best", "last"):

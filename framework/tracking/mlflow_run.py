@@ -57,10 +57,18 @@ class MlflowTracker:
             return client.get_experiment_by_name(self.experiment_name).experiment_id
 
     @contextmanager
-    def start_run(self, tags: Mapping[str, str]) -> Iterator[MlflowRun]:
-        """Create a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
+    def start_run(self, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[MlflowRun]:
+        """Create a run (or reopen ``run_id`` to continue it); it ends FINISHED, FAILED on an exception,
+        KILLED on Ctrl-C."""
         client = self.client()
-        info = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=dict(tags)).info
+        if run_id is None:
+            info = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=dict(tags)).info
+        else:
+            try:
+                info = client.get_run(run_id).info
+            except MlflowException as err:
+                raise ValueError(f"cannot continue MLflow run {run_id} at {self.uri}: {err.message}") from err
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         run = MlflowRun(client, info.run_id, info.run_name)
         status = RunStatus.FINISHED
         try:
@@ -103,6 +111,10 @@ class MlflowRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
