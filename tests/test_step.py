@@ -159,3 +159,12 @@ def test_same_seed_gives_the_same_loss_curve_and_logs_what_defines_the_run(tmp_p
     assert '"train_items": 1437' in open(fingerprint).read()
     frozen = open(client.download_artifacts(run.info.run_id, "environment/requirements-frozen.txt", str(tmp_path)))
     assert any(line.startswith("mindspore==") for line in frozen.read().splitlines())
+
+
+def test_best_checkpoint_follows_the_monitored_metric_and_mode(tmp_path):
+    overrides = ["dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=2", "engine.monitor=val_loss",
+                 "engine.monitor_mode=min"]  # fmt: skip
+    result = train(compose_config(overrides, tmp_path))
+    losses = [h["val_loss"] for h in result.history]
+    _, meta = read_checkpoint(result.checkpoints["best"])
+    assert meta["epoch"] == 1 + int(np.argmin(losses)) and result.best["val_loss"] == min(losses)

@@ -51,6 +51,7 @@ class Trainer:
         checkpoint_every_n_steps: int = 0,
         keep_checkpoint_max: int = 1,
         monitor: str = "val_top1",
+        monitor_mode: str = "max",
         limit_train_batches: int | None = None,
         amp_level: str = "O0",
         loss_scale: str = "none",
@@ -65,6 +66,8 @@ class Trainer:
         if eval_ema and ema_decay is None:
             raise ValueError("engine.eval_ema=true needs engine.ema_decay (e.g. 0.9998)")
         make_loss_scaler(loss_scale, loss_scale_value, loss_scale_factor, loss_scale_window)  # validate now
+        if monitor_mode not in ("max", "min"):
+            raise ValueError(f"engine.monitor_mode must be 'max' or 'min', got '{monitor_mode}'")
         if amp_level not in AMP_LEVELS:
             raise ValueError(f"engine.amp_level must be one of {', '.join(AMP_LEVELS)}, got '{amp_level}'")
         self.epochs = epochs
@@ -72,7 +75,7 @@ class Trainer:
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.keep_checkpoint_max = keep_checkpoint_max
-        self.monitor = monitor
+        self.monitor, self.monitor_sign = monitor, 1.0 if monitor_mode == "max" else -1.0
         self.limit_train_batches = limit_train_batches
         self.amp_level = amp_level
         self.loss_scale = (loss_scale, loss_scale_value, loss_scale_factor, loss_scale_window)
@@ -138,8 +141,9 @@ class Trainer:
                     if updated:
                         if ema is not None and finite:
                             ema.update()
-                        skipped += not finite
-                        metrics.update(loss_scale=step.loss_scale, skipped_steps=skipped)
+                        if step.loss_scaler is not None:  # overflowing updates are skipped, and counted
+                            skipped += not finite
+                            metrics.update(loss_scale=step.loss_scale, skipped_steps=skipped)
                     run.log_metrics(metrics, step=done)
                     if timed_since is None:  # the first step of an epoch may include graph compilation
                         timed_since = time.perf_counter()
@@ -224,7 +228,9 @@ class Trainer:
     ) -> None:
         """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files."""
         value = metrics.get(self.monitor)
-        if value is not None and (result.best is None or value > result.best[self.monitor]):
+        if value is not None and (
+            result.best is None or self.monitor_sign * (value - result.best[self.monitor]) > 0
+        ):  # fmt: skip
             result.best = metrics
             best_meta = {**meta, "epoch": epoch, "global_step": done, "metrics": metrics, "ema": self.eval_ema}
             if ema is not None and self.eval_ema:
@@ -251,7 +257,8 @@ def _training_state(
     """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA."""
     state = {p.name: p for p in network.get_parameters()}
     state.update({p.name: p for p in optimizer.get_parameters()})
-    state.update({f"loss_scaler.{k}": v for k, v in vars(step.loss_scaler).items() if isinstance(v, Parameter)})
+    scaler = vars(step.loss_scaler) if step.loss_scaler is not None else {}
+    state.update({f"loss_scaler.{k}": v for k, v in scaler.items() if isinstance(v, Parameter)})
     if ema is not None:
         state.update({p.name: p for p in ema.shadow})
     return state
