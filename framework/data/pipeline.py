@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import dtype as mstype
 
 from framework.data.mixup import Mixup
-from framework.data.sampler import ShardSampler
+from framework.data.sampler import ShardSampler, shard_size
 from framework.data.transforms import TrainAugment, eval_ops, interpolation_mode
 
 SPLITS = ("train", "val")
@@ -104,7 +104,7 @@ class ImageData:
 
     def steps_per_epoch(self, num_shards: int = 1) -> int:
         """Full train batches per epoch on each of ``num_shards`` ranks (the last partial batch is dropped)."""
-        return -(-len(self.sources["train"]) // num_shards) // self.batch_size
+        return shard_size(len(self.sources["train"]), num_shards, pad=True) // self.batch_size
 
     def loader(self, split: str, shard_id: int = 0, num_shards: int = 1, epoch: int = 0) -> ds.Dataset:
         """Batched pipeline for ``split`` from ``epoch`` on; train is shuffled, augmented and padded to equal shards.

@@ -6,6 +6,11 @@ import mindspore.dataset as ds
 import numpy as np
 
 
+def shard_size(num_items: int, num_shards: int, pad: bool, shard_id: int = 0) -> int:
+    """Items per shard: with ``pad`` every shard gets ``ceil(num_items / num_shards)``, else its exact share."""
+    return -(-num_items // num_shards) if pad else len(range(shard_id, num_items, num_shards))
+
+
 class ShardSampler(ds.Sampler):
     """Yields ``epoch * num_items + index`` for this shard's share of a (shuffled) epoch.
 
@@ -34,7 +39,7 @@ class ShardSampler(ds.Sampler):
             raise ValueError("cannot sample from an empty split")
         self.num_items, self.shuffle, self.seed = num_items, shuffle, seed
         self.shard_id, self.num_shards, self.pad = shard_id, num_shards, pad
-        self.per_shard = -(-num_items // num_shards) if pad else len(range(shard_id, num_items, num_shards))
+        self.per_shard = shard_size(num_items, num_shards, pad, shard_id)
         self.epoch = first_epoch
         super().__init__(num_samples=self.per_shard)
 

@@ -32,13 +32,13 @@ def save_checkpoint(weights: nn.Cell | dict[str, Parameter], path: Path, meta: d
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Parameter], dict[str, Any]]:
-    """(named parameters, metadata) of a checkpoint file."""
+def read_checkpoint(path: str | Path, meta_only: bool = False) -> tuple[dict[str, Parameter], dict[str, Any]]:
+    """(named parameters, metadata) of a checkpoint file; ``meta_only`` builds no parameters (empty dict)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        params = ms.load_checkpoint(str(path))
+        params = ms.load_checkpoint(str(path), choice_func=(lambda name: name == META_KEY) if meta_only else None)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
     return params, json.loads(str(params.pop(META_KEY, "{}")))

@@ -9,6 +9,7 @@ it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG a
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +177,13 @@ class Trainer:
                 )
         return result
 
+    def _evaluated_weights(self, ema: EMA | None) -> AbstractContextManager[None]:
+        """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
+        return ema.swapped_in() if ema is not None and self.eval_ema else nullcontext()
+
     def _evaluate(self, network: nn.Cell, data: ImageData, ema: EMA | None) -> dict[str, float]:
-        if ema is not None and self.eval_ema:
-            with ema.swapped_in():
-                return evaluate(network, data.loader("val"))
-        return evaluate(network, data.loader("val"))
+        with self._evaluated_weights(ema):
+            return evaluate(network, data.loader("val"))
 
     def _report(self, progress: Progress, task: int, epoch: int, done: int, total: int, loss: float, lr: float,
                 ips: float, steps_per_epoch: int) -> None:  # fmt: skip
@@ -233,10 +236,7 @@ class Trainer:
         ):  # fmt: skip
             result.best = metrics
             best_meta = {**meta, "epoch": epoch, "global_step": done, "metrics": metrics, "ema": self.eval_ema}
-            if ema is not None and self.eval_ema:
-                with ema.swapped_in():
-                    result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
-            else:
+            with self._evaluated_weights(ema):
                 result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
         periodic = self.checkpoint_every_n_epochs and epoch % self.checkpoint_every_n_epochs == 0
         self._save_state(state, directory, meta, epoch, done, result, f"epoch_{epoch:04d}" if periodic else None)

@@ -68,7 +68,7 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
     prepare(cfg)
     bench: Benchmark = build(cfg, "benchmark")
     data = build(cfg, "dataset")
-    if data.num_samples("train") < cfg.dataset.batch_size:
+    if data.steps_per_epoch() == 0:
         raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} is larger than the train split")
     loader = data.loader("train")
     results: dict[str, float] = {}

@@ -123,7 +123,7 @@ def resolve_resume(resume: str | None, tracker: MlflowTracker, download_dir: Pat
         resume = resume.rstrip("/") + "/checkpoints/last.ckpt"
     path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
     try:
-        _, meta = read_checkpoint(path)
+        _, meta = read_checkpoint(path, meta_only=True)  # the trainer loads the state itself
     except ValueError as err:
         raise ConfigError(f"resume={resume}: {err}") from err
     if "global_step" not in meta or "rng_state" not in meta:

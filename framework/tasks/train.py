@@ -31,16 +31,14 @@ def train(cfg: DictConfig) -> FitResult:
     network = build_model(cfg, data.num_classes)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
-    steps_per_epoch = trainer.steps_per_epoch(data.steps_per_epoch())
-    if steps_per_epoch == 0:
+    updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch())
+    if updates_per_epoch == 0:
         raise ConfigError(
             f"dataset.batch_size={cfg.dataset.batch_size} is larger than the train split "
             f"({data.num_samples('train')} images), or engine.accumulation_steps={trainer.accumulation_steps} "
             "exceeds the batches per epoch, so an epoch has no optimizer update. Lower one of them."
         )
-    lr_per_update = build(
-        cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=trainer.updates_per_epoch(data.steps_per_epoch())
-    )
+    lr_per_update = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch)
     optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_update))
     tracker = build(cfg, "tracking")
     run_dir = Path(cfg.paths.run_dir)
@@ -54,7 +52,6 @@ def train(cfg: DictConfig) -> FitResult:
             fingerprint = data.fingerprint()
             run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
             run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
-            updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch())
             title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(lr_per_update)} updates"
             run.log_figure(plot_schedule(lr_per_update, updates_per_epoch, title), "lr_schedule.png")
         else:  # params are fixed once logged; the resumed job's config is kept beside the original one
@@ -75,8 +72,9 @@ def train(cfg: DictConfig) -> FitResult:
                 path = checkpoint_dir / f"{name}.ckpt"
                 if path.is_file():
                     run.log_artifact(path, "checkpoints")
-            if data.bad_images():
-                run.log_text("\n".join(data.bad_images()) + "\n", "data/bad_images.txt")
+            bad_images = data.bad_images()
+            if bad_images:
+                run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
 
     print_summary(
         "training finished",
