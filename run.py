@@ -1,5 +1,7 @@
 """Entry point: ``python run.py [task=train|eval] [group=choice ...] [key=value ...]``."""
 
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
@@ -7,8 +9,8 @@ import framework.tasks
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    framework.tasks.run(cfg)
+def main(cfg: DictConfig) -> Any:
+    return framework.tasks.run(cfg)  # a sweep (-m) reads the trial's objective from the return value
 
 
 if __name__ == "__main__":

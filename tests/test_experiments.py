@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from framework.tasks.train import train
@@ -87,3 +88,12 @@ def test_experiment_recipe_runs_on_digits(tmp_path, experiment):
     assert [h["epoch"] for h in result.history] == [1, 2] and 0.0 <= result.last["val_top1"] <= 1.0
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "FINISHED" and run.data.params["engine.amp_level"] == cfg.engine.amp_level
+
+
+@pytest.mark.parametrize("experiment", sorted(SEED_VALUES))
+def test_recipe_lr_holds_on_eight_devices_and_scales_elsewhere(tmp_path, experiment):
+    """The seeds trained on 8 devices: the recipe's lr is used as is there, and scaled linearly on others."""
+    cfg = compose_config([f"experiment={experiment}", "dataset.path=/data/imagenet", "hardware=ascend8"], tmp_path)
+    scaling, devices = instantiate(cfg.lr_scaling), instantiate(cfg.hardware).world_size
+    assert devices == 8 and scaling.factor(cfg.dataset.batch_size * devices) == 1.0
+    assert scaling.factor(cfg.dataset.batch_size) == pytest.approx(1 / 8)

@@ -229,3 +229,18 @@ def test_plot_schedule_uses_log_scale_over_two_decades():
     sched = exponential(lr=0.1, epochs=10, steps_per_epoch=2, decay_rate=0.5, decay_epochs=1)
     assert sched.max() / sched.min() > 100
     assert plot_schedule(sched, steps_per_epoch=2, title="exponential").axes[0].get_yscale() == "log"
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_rules(make_config, rule, expected):
+    scaling = instantiate(make_config(f"lr_scaling={rule}", "lr_scaling.reference_batch_size=64").lr_scaling)
+    assert scaling.factor(256) == pytest.approx(expected)
+
+
+def test_lr_scaling_refuses_unknown_rule_and_bad_reference():
+    from framework.optim.schedules import LrScaling
+
+    with pytest.raises(ValueError, match="lr_scaling.rule must be one of none, linear, sqrt, got 'cubic'"):
+        LrScaling("cubic")
+    with pytest.raises(ValueError, match="reference_batch_size must be > 0"):
+        LrScaling("linear", 0)

@@ -6,6 +6,7 @@ optimizer moments and step (hence the lr position), the loss scale, the EMA weig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,3 +77,14 @@ def restore_parameters(targets: dict[str, Parameter], params: dict[str, Paramete
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"checkpoint {path}: {name} has shape {value.shape}, the run expects {target.shape}")
         ops.assign(target, Tensor(value.asnumpy()))  # in place: set_data would detach it from compiled graphs
+
+
+def weights_sha256(weights: nn.Cell | dict[str, Parameter]) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes (in name order): equal iff the weights are."""
+    named = {p.name: p for p in weights.get_parameters()} if isinstance(weights, nn.Cell) else weights
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        value = named[name].asnumpy()
+        digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

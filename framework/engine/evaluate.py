@@ -1,4 +1,4 @@
-"""Evaluation: cross-entropy loss, top-1 and top-5 accuracy over a whole split."""
+"""Evaluation: cross-entropy loss, top-1 and top-5 accuracy over a whole split (or its shards, summed over ranks)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import mindspore.dataset as ds
 import mindspore.nn as nn
 import numpy as np
 
+from framework.launch.distributed import SINGLE_PROCESS, World
 
-def evaluate(network: nn.Cell, loader: ds.Dataset) -> dict[str, float]:
-    """Run ``network`` in inference mode over ``loader``; metrics are exact sums over every sample."""
+
+def evaluate(network: nn.Cell, loader: ds.Dataset, world: World = SINGLE_PROCESS) -> dict[str, float]:
+    """Run ``network`` in inference mode over ``loader``; metrics are exact sums over every sample.
+
+    With several ranks each passes its shard of the split and the sums are added over ranks, so every
+    rank returns the metrics of the whole split.
+    """
     network.set_train(False)
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
     for images, labels in loader.create_tuple_iterator(num_epochs=1):
@@ -21,6 +27,9 @@ def evaluate(network: nn.Cell, loader: ds.Dataset) -> dict[str, float]:
         top1 += int((ranked[:, 0] == labels).sum())
         top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
         total += len(labels)
+    if world.size > 1:
+        loss_sum, top1, top5, total = world.all_reduce_sum(np.array([loss_sum, top1, top5, total]))
+        top1, top5, total = round(top1), round(top5), round(total)
     if total == 0:
         raise ValueError("evaluation split is empty")
-    return {"loss": loss_sum / total, "top1": top1 / total, "top5": top5 / total}
+    return {"loss": float(loss_sum) / total, "top1": top1 / total, "top5": top5 / total}

@@ -4,6 +4,9 @@ One epoch = ``steps_per_epoch`` micro-batches; the optimizer updates every ``acc
 them and the lr schedule has one value per update. ``last.ckpt`` (every epoch, and every
 ``checkpoint_every_n_steps`` updates) holds the whole training state, so ``resume`` continues where
 it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG and data position.
+
+Data parallel (``World`` of several ranks): each rank trains on its shard of every epoch, gradients are
+averaged in the step, validation is sharded and summed over ranks; only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from framework.engine.checkpoint import read_checkpoint, restore_parameters, sav
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
 from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
+from framework.launch.distributed import SINGLE_PROCESS, World
 from framework.tracking import MlflowRun
+
+_FLOAT_TYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 
 @dataclass
@@ -93,12 +99,20 @@ class Trainer:
         """Optimizer updates per epoch: the length of one epoch of the lr schedule."""
         return self.steps_per_epoch(batches_per_epoch) // self.accumulation_steps
 
-    def train_step(self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer) -> tuple[nn.Cell, TrainStep]:
-        """The network cast to ``amp_level``, and its step with this engine's scaling, clipping, accumulation."""
+    def train_step(
+        self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer, world: World = SINGLE_PROCESS
+    ) -> tuple[nn.Cell, TrainStep]:
+        """The network cast to ``amp_level``, and its step with this engine's scaling, clipping, accumulation
+        and (over several ranks) gradient averaging."""
         network = apply_amp(network, self.amp_level)
         loss_scaler = make_loss_scaler(*self.loss_scale)
         step = TrainStep(
-            HeadsLoss(network, loss_fn), optimizer, loss_scaler, self.clip_grad_norm, self.accumulation_steps
+            HeadsLoss(network, loss_fn),
+            optimizer,
+            loss_scaler,
+            self.clip_grad_norm,
+            self.accumulation_steps,
+            world.grad_reducer(optimizer.parameters),
         )
         return network, step
 
@@ -109,16 +123,21 @@ class Trainer:
         optimizer: nn.Optimizer,
         lr_per_update: np.ndarray,
         data: ImageData,
-        run: MlflowRun,
+        run: MlflowRun | None,
         checkpoint_dir: Path,
         checkpoint_meta: dict[str, Any],
         resume_from: Path | None = None,
+        world: World = SINGLE_PROCESS,
     ) -> FitResult:
-        """Train (from the training state in ``resume_from`` if given), logging to ``run``."""
-        steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch())
-        network, step = self.train_step(network, loss_fn, optimizer)
+        """Train (from the training state in ``resume_from`` if given), logging to ``run`` (None: don't log).
+
+        Over several ranks each trains on its data shard; only the main rank writes checkpoints.
+        """
+        steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch(world.size))
+        network, step = self.train_step(network, loss_fn, optimizer, world)
         ema = EMA(network, self.ema_decay) if self.ema_decay else None
         state = _training_state(network, optimizer, step, ema)
+        running_statistics = _running_statistics(network, ema)
         result, done = FitResult(), 0
         if resume_from is not None:
             done = self._resume(resume_from, state, result)
@@ -130,7 +149,8 @@ class Trainer:
             for epoch in range(done // steps_per_epoch + 1, self.epochs + 1):
                 network.set_train(True)
                 progress.update(task, description=f"epoch {epoch}/{self.epochs}")
-                loader = data.loader("train", epoch=epoch - 1).take(steps_per_epoch).skip(done % steps_per_epoch)
+                loader = data.loader("train", world.rank, world.size, epoch=epoch - 1)
+                loader = loader.take(steps_per_epoch).skip(done % steps_per_epoch)
                 images_seen, timed_since = 0, None
                 for images, labels in loader.create_tuple_iterator(num_epochs=1):
                     loss, finite = step(images, labels)
@@ -145,11 +165,12 @@ class Trainer:
                         if step.loss_scaler is not None:  # overflowing updates are skipped, and counted
                             skipped += not finite
                             metrics.update(loss_scale=step.loss_scale, skipped_steps=skipped)
-                    run.log_metrics(metrics, step=done)
+                    if run is not None:
+                        run.log_metrics(metrics, step=done)
                     if timed_since is None:  # the first step of an epoch may include graph compilation
                         timed_since = time.perf_counter()
                     else:
-                        images_seen += images.shape[0]
+                        images_seen += images.shape[0] * world.size  # all ranks: the job's throughput
                     ips = images_seen / max(time.perf_counter() - timed_since, 1e-9)
                     progress.update(task, advance=1, loss=loss, lr=lr, ips=ips)
                     self._report(progress, task, epoch, done, total, loss, lr, ips, steps_per_epoch)
@@ -157,23 +178,26 @@ class Trainer:
                         raise FloatingPointError(f"train loss is {loss} at step {done} (epoch {epoch})")
                     updates = done // self.accumulation_steps
                     every = self.checkpoint_every_n_steps
-                    if updated and every and updates % every == 0 and done % steps_per_epoch:  # epoch ends save anyway
+                    periodic = updated and every and updates % every == 0 and done % steps_per_epoch  # not at epoch end
+                    if periodic and world.is_main:
                         self._save_state(
                             state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result, f"step_{done:08d}"
                         )
+                world.average(running_statistics)  # same BatchNorm statistics on every rank, as timm's distribute_bn
                 epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
                 if epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs:
-                    val = self._evaluate(network, data, ema)
+                    val = self._evaluate(network, data, ema, world)
                     epoch_metrics.update({f"val_{k}": v for k, v in val.items()})
                     progress.console.print(
                         f"epoch {epoch}: val_loss {val['loss']:.4f}  val_top1 {val['top1']:.4f}  "
                         f"val_top5 {val['top5']:.4f}  train {ips:.1f} img/s"
                     )
-                run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
-                run.flush()
+                if run is not None:
+                    run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
+                    run.flush()
                 result.history.append(epoch_metrics)
                 self._checkpoint_epoch(
-                    network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta
+                    network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
                 )
         return result
 
@@ -181,9 +205,9 @@ class Trainer:
         """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
         return ema.swapped_in() if ema is not None and self.eval_ema else nullcontext()
 
-    def _evaluate(self, network: nn.Cell, data: ImageData, ema: EMA | None) -> dict[str, float]:
+    def _evaluate(self, network: nn.Cell, data: ImageData, ema: EMA | None, world: World) -> dict[str, float]:
         with self._evaluated_weights(ema):
-            return evaluate(network, data.loader("val"))
+            return evaluate(network, data.loader("val", world.rank, world.size), world)
 
     def _report(self, progress: Progress, task: int, epoch: int, done: int, total: int, loss: float, lr: float,
                 ips: float, steps_per_epoch: int) -> None:  # fmt: skip
@@ -228,13 +252,19 @@ class Trainer:
         result: FitResult,
         directory: Path,
         meta: dict[str, Any],
+        world: World,
     ) -> None:
-        """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files."""
+        """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files;
+        every rank keeps the same record, the main rank writes the files."""
         value = metrics.get(self.monitor)
-        if value is not None and (
+        improved = value is not None and (
             result.best is None or self.monitor_sign * (value - result.best[self.monitor]) > 0
-        ):  # fmt: skip
+        )
+        if improved:
             result.best = metrics
+        if not world.is_main:
+            return
+        if improved:
             best_meta = {**meta, "epoch": epoch, "global_step": done, "metrics": metrics, "ema": self.eval_ema}
             with self._evaluated_weights(ema):
                 result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
@@ -262,6 +292,17 @@ def _training_state(
     if ema is not None:
         state.update({p.name: p for p in ema.shadow})
     return state
+
+
+def _running_statistics(network: nn.Cell, ema: EMA | None) -> list[Parameter]:
+    """Float buffers each rank updates from its own data (BatchNorm moving mean/variance), with their EMA copies.
+
+    Trainable weights take the same averaged update on every rank and stay identical; these drift apart.
+    """
+    params = list(network.get_parameters())
+    shadows = list(ema.shadow) if ema is not None else [None] * len(params)
+    buffers = [(p, s) for p, s in zip(params, shadows) if not p.requires_grad and p.dtype in _FLOAT_TYPES]
+    return [p for p, _ in buffers] + [s for _, s in buffers if s is not None]
 
 
 def _progress() -> Progress:

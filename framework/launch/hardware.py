@@ -1,7 +1,8 @@
-"""Hardware context (``hardware/`` configs): device target, execution mode and seeding."""
+"""Hardware (``hardware/`` configs): device target, execution mode, device count and nodes, seeding."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -9,28 +10,63 @@ import mindspore as ms
 import mindspore.dataset as ds
 import numpy as np
 
+from framework.launch.distributed import World, init_world, is_msrun_process
+
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 _TARGETS = ("CPU", "GPU", "Ascend")
 
 
 @dataclass
 class Hardware:
-    """Where and how MindSpore runs: ``device_target`` CPU/GPU/Ascend, ``mode`` graph/pynative."""
+    """Where and how MindSpore runs.
+
+    ``device_target`` CPU/GPU/Ascend, ``mode`` graph/pynative; ``device_num`` processes (devices) per node
+    on ``num_nodes`` nodes. Above one process in all, training is data parallel: ``run.py`` relaunches itself
+    through ``msrun`` (node ``node_rank`` of ``num_nodes``, rendezvous at ``master_addr:master_port``;
+    ``master_port: null`` picks a free port on a single node).
+    """
 
     device_target: str = "CPU"
     mode: str = "graph"
     device_id: int = 0
+    device_num: int = 1
+    num_nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    cluster_timeout: int = 600
 
     def __post_init__(self) -> None:
         if self.device_target not in _TARGETS:
             raise ValueError(f"hardware.device_target must be one of {_TARGETS}, got '{self.device_target}'")
         if self.mode not in _MODES:
             raise ValueError(f"hardware.mode must be one of {sorted(_MODES)}, got '{self.mode}'")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(f"hardware.node_rank={self.node_rank} must be in [0, num_nodes={self.num_nodes})")
+        if self.num_nodes > 1 and self.master_port is None:
+            raise ValueError(
+                "hardware.master_port is required with several nodes: every node must name the same port "
+                "(e.g. hardware.master_port=8118)"
+            )
+        if self.master_port is not None and not 1024 <= self.master_port <= 65535:
+            raise ValueError(f"hardware.master_port={self.master_port} must be in 1024..65535")
 
-    def setup(self, seed: int) -> None:
-        """Select the device and execution mode, and seed MindSpore, its data pipeline, NumPy and Python."""
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole job: devices per node × nodes."""
+        return self.device_num * self.num_nodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def setup(self, seed: int) -> World:
+        """Select the device and execution mode, join the job's process group when started by msrun, and seed
+        MindSpore, its data pipeline, NumPy and Python (the same seed on every rank: identical initial weights)."""
+        # msrun gives each local process its own device (DEVICE_ID = local rank)
+        device_id = int(os.environ.get("DEVICE_ID", 0)) if is_msrun_process() else self.device_id
         try:
-            ms.set_device(self.device_target, self.device_id)
+            ms.set_device(self.device_target, device_id)
         except (RuntimeError, ValueError) as err:
             # Once kernels ran in this process the device is fixed; the same target is fine.
             if "runtime has been initialized" in str(err) and ms.get_context("device_target") == self.device_target:
@@ -41,7 +77,9 @@ class Hardware:
                     "Pick a hardware config this machine has, e.g. hardware=cpu."
                 ) from err
         ms.set_context(mode=_MODES[self.mode])
+        world = init_world() if is_msrun_process() else World()
         ms.set_seed(seed)
         ds.config.set_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
+        return world

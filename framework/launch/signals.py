@@ -12,14 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+def raise_interrupt(signum: int, frame: object) -> None:
+    """Signal handler: end the job through ``KeyboardInterrupt``."""
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM (and so Ctrl-C under MindSpore) raises ``KeyboardInterrupt``."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         yield
     finally:

@@ -180,3 +180,27 @@ def plot_schedule(lr_per_step: np.ndarray, steps_per_epoch: int, title: str) -> 
     ax.set_ylabel("learning rate")
     ax.set_title(title)
     return fig
+
+
+_LR_SCALING_RULES = ("none", "linear", "sqrt")
+
+
+class LrScaling:
+    """``lr_scaling/`` configs: scale the whole lr schedule with the global batch size.
+
+    ``linear`` (Goyal et al., 2017, "Accurate, Large Minibatch SGD"): × global / reference batch;
+    ``sqrt`` (Krizhevsky, 2014; common with Adam-type optimizers): × √(global / reference);
+    ``none``: the configured lrs as they are. The global batch is per-device batch × devices ×
+    accumulation steps, so a recipe's lr stated for ``reference_batch_size`` holds on any device count.
+    """
+
+    def __init__(self, rule: str = "none", reference_batch_size: int = 256) -> None:
+        if rule not in _LR_SCALING_RULES:
+            raise ValueError(f"lr_scaling.rule must be one of {', '.join(_LR_SCALING_RULES)}, got '{rule}'")
+        if reference_batch_size <= 0:
+            raise ValueError(f"lr_scaling.reference_batch_size must be > 0, got {reference_batch_size}")
+        self.rule, self.reference_batch_size = rule, reference_batch_size
+
+    def factor(self, global_batch_size: int) -> float:
+        ratio = global_batch_size / self.reference_batch_size
+        return {"none": 1.0, "linear": ratio, "sqrt": float(np.sqrt(ratio))}[self.rule]

@@ -65,7 +65,7 @@ def train_step_images_per_second(step: TrainStep, images, labels, warmup_steps: 
 
 def benchmark(cfg: DictConfig) -> dict[str, float]:
     """Run the measurements ``cfg.benchmark`` selects for ``cfg.model`` on ``cfg.dataset``."""
-    prepare(cfg)
+    prepare(cfg).setup(cfg.seed)
     bench: Benchmark = build(cfg, "benchmark")
     data = build(cfg, "dataset")
     if data.steps_per_epoch() == 0:

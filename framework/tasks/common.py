@@ -17,17 +17,18 @@ from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
 from framework.engine.checkpoint import read_checkpoint
+from framework.launch import Hardware
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
 
 console = Console()
 
 
-def prepare(cfg: DictConfig) -> None:
-    """Check the run spec, print it as a tree, and set up device, mode and seeds."""
+def prepare(cfg: DictConfig) -> Hardware:
+    """Check the run spec, print it as a tree, and build the hardware (``setup`` then selects device and seeds)."""
     check_config(cfg)
     print_config(cfg)
-    build(cfg, "hardware").setup(cfg.seed)
+    return build(cfg, "hardware")
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> Any:
@@ -61,7 +62,7 @@ def git_commit() -> str | None:
 
 
 def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
-    """MLflow tags: task, model, dataset, hardware, MindSpore version and git commit."""
+    """MLflow tags: task, model, dataset, hardware, command-line overrides, MindSpore version and git commit."""
     choices = group_choices()
     tags = {
         "task": task,
@@ -70,6 +71,9 @@ def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
         "hardware": choices.get("hardware", str(cfg.hardware.device_target)),
         "mindspore_version": ms.__version__,
     }
+    swept = [o for o in overrides() if not o.startswith(("hydra.", "paths.", "tracking.local_store"))]
+    if swept:
+        tags["overrides"] = " ".join(swept)[:5000]
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -22,7 +22,7 @@ from framework.tasks.common import (
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Load ``cfg.ckpt`` into ``cfg.model`` and report val loss/top-1/top-5; tags the run with its source run."""
-    prepare(cfg)
+    prepare(cfg).setup(cfg.seed)
     tracker = build(cfg, "tracking")
     checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, Path(cfg.paths.run_dir) / "checkpoint")
     data = build(cfg, "dataset")

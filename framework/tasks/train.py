@@ -1,16 +1,24 @@
-"""``task=train``: build the run spec's objects, train, evaluate each epoch, log everything to MLflow."""
+"""``task=train``: build the run spec's objects, train, evaluate each epoch, log everything to MLflow.
+
+With ``hardware.device_num`` × ``num_nodes`` > 1 the command relaunches itself through msrun and each rank
+runs this same task on its data shard; rank 0 alone opens the MLflow run and writes checkpoints.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError, build
+from framework.config import ConfigError, build, overrides
 from framework.engine import FitResult
+from framework.engine.checkpoint import weights_sha256
+from framework.launch.distributed import World, is_msrun_process
+from framework.launch.msrun import RESULT_FILE, relaunch
 from framework.launch.signals import stop_signals_interrupt
 from framework.optim.schedules import plot_schedule
 from framework.tasks.common import (
@@ -26,56 +34,100 @@ from framework.tasks.common import (
 
 def train(cfg: DictConfig) -> FitResult:
     """Train ``cfg.model`` on ``cfg.dataset``; every object is built before the MLflow run opens."""
-    prepare(cfg)
+    hardware = prepare(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    if hardware.distributed and not is_msrun_process():
+        record = relaunch(hardware, overrides(), run_dir, build(cfg, "tracking"))
+        return FitResult(record["history"], record["best"], {k: Path(v) for k, v in record["checkpoints"].items()})
+    world = hardware.setup(cfg.seed)
     data = build(cfg, "dataset")
     network = build_model(cfg, data.num_classes)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
-    updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch())
+    updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch(world.size))
     if updates_per_epoch == 0:
         raise ConfigError(
             f"dataset.batch_size={cfg.dataset.batch_size} is larger than the train split "
-            f"({data.num_samples('train')} images), or engine.accumulation_steps={trainer.accumulation_steps} "
-            "exceeds the batches per epoch, so an epoch has no optimizer update. Lower one of them."
+            f"({data.num_samples('train')} images, {world.size} shard(s)), or engine.accumulation_steps="
+            f"{trainer.accumulation_steps} exceeds the batches per epoch, so an epoch has no optimizer update. "
+            "Lower one of them."
         )
-    lr_per_update = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch)
+    global_batch_size = cfg.dataset.batch_size * world.size * trainer.accumulation_steps
+    lr_factor = build(cfg, "lr_scaling").factor(global_batch_size)
+    schedule = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch)
+    lr_per_update = (schedule * lr_factor).astype(schedule.dtype)
     optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_update))
     tracker = build(cfg, "tracking")
-    run_dir = Path(cfg.paths.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
-    resume_from, resume_run_id = resolve_resume(cfg.get("resume"), tracker, run_dir / "resume")
+    resume_from, resume_run_id = resolve_resume(cfg.get("resume"), tracker, run_dir / "resume" / f"rank_{world.rank}")
 
-    with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "train"), run_id=resume_run_id) as run:
-        if resume_from is None:
-            log_run_spec(run, cfg)
-            run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
-            fingerprint = data.fingerprint()
-            run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
-            run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
-            title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(lr_per_update)} updates"
-            run.log_figure(plot_schedule(lr_per_update, updates_per_epoch, title), "lr_schedule.png")
-        else:  # params are fixed once logged; the resumed job's config is kept beside the original one
-            run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-            run.set_tags({"resumed_from": str(cfg.resume)})
+    # Rank 0 alone tracks the job; the other ranks train and evaluate without a run.
+    tracking = tracker.start_run(run_tags(cfg, "train"), run_id=resume_run_id) if world.is_main else nullcontext()
+    with stop_signals_interrupt(), tracking as run:
+        if run is not None:
+            _write_result(run_dir, {"mlflow_run_id": run.run_id})
+            if resume_from is None:
+                log_run_spec(run, cfg)
+                run.log_params(
+                    {"world_size": world.size, "global_batch_size": global_batch_size, "lr_scale_factor": lr_factor}
+                )
+                run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
+                fingerprint = data.fingerprint()
+                run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
+                run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
+                title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(lr_per_update)} updates"
+                run.log_figure(plot_schedule(lr_per_update, updates_per_epoch, title), "lr_schedule.png")
+            else:  # params are fixed once logged; the resumed job's config is kept beside the original one
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{stamp}.yaml")
+                run.set_tags({"resumed_from": str(cfg.resume)})
         meta = {
             "model": cfg.model.name,
             "num_classes": data.num_classes,
             "class_names": data.class_names,
-            "mlflow_run_id": run.run_id,
+            "mlflow_run_id": run.run_id if run is not None else None,
         }
         try:
             result = trainer.fit(
-                network, loss_fn, optimizer, lr_per_update, data, run, checkpoint_dir, meta, resume_from=resume_from
+                network,
+                loss_fn,
+                optimizer,
+                lr_per_update,
+                data,
+                run,
+                checkpoint_dir,
+                meta,
+                resume_from=resume_from,
+                world=world,
             )
         finally:
-            for name in ("best", "last"):
-                path = checkpoint_dir / f"{name}.ckpt"
-                if path.is_file():
-                    run.log_artifact(path, "checkpoints")
-            bad_images = data.bad_images()
-            if bad_images:
-                run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
+            if run is not None:
+                for name in ("best", "last"):
+                    path = checkpoint_dir / f"{name}.ckpt"
+                    if path.is_file():
+                        run.log_artifact(path, "checkpoints")
+                bad_images = data.bad_images()
+                if bad_images:
+                    run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
+        checksum = _record_weights(network, run_dir, world)
+        if run is not None:
+            run.set_tags({"weights_sha256": checksum})
+            if result.best is not None:
+                best_epoch = int(result.best["epoch"])
+                run.log_metrics({f"best_{trainer.monitor}": result.best[trainer.monitor]}, step=best_epoch)
 
+    if not world.is_main:
+        print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
+        return result
+    _write_result(
+        run_dir,
+        {
+            "mlflow_run_id": run.run_id,
+            "history": result.history,
+            "best": result.best,
+            "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
+        },
+    )
     print_summary(
         "training finished",
         {
@@ -84,8 +136,25 @@ def train(cfg: DictConfig) -> FitResult:
             "last": format_metrics(result.last),
             "best checkpoint": f"{result.checkpoints.get('best')}  = runs:/{run.run_id}/checkpoints/best.ckpt",
             "last checkpoint": str(result.checkpoints.get("last")),
+            "weights sha256": checksum,
             "evaluate": f"python run.py task=eval ckpt=runs:/{run.run_id}/checkpoints/best.ckpt",
             "mlflow ui": tracker.ui_command(),
         },
     )
     return result
+
+
+def _record_weights(network: ms.nn.Cell, run_dir: Path, world: World) -> str:
+    """Checksum of the final weights; over several ranks each writes its own so they can be compared."""
+    checksum = weights_sha256(network)
+    if world.size > 1:
+        path = run_dir / "ranks" / f"rank_{world.rank}" / "weights.sha256"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(checksum + "\n")
+    return checksum
+
+
+def _write_result(run_dir: Path, record: dict) -> None:
+    """Rank 0's record of the job (MLflow run id, then the result) for the process that launched it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=1))

@@ -1,5 +1,6 @@
-"""Experiment tracking (``tracking/`` configs)."""
+"""Experiment tracking (``tracking/`` configs): MLflow runs, and sweeps as parent runs with one child per trial."""
 
 from framework.tracking.mlflow_run import MlflowRun, MlflowTracker
+from framework.tracking.sweep import SweepRun
 
-__all__ = ["MlflowRun", "MlflowTracker"]
+__all__ = ["MlflowRun", "MlflowTracker", "SweepRun"]

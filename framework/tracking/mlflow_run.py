@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _METRIC_BATCH = 1000  # and at most 1000 metrics
 _PARAM_VALUE_LIMIT = 6000
+PARENT_RUN_ENV = "FRAMEWORK_SWEEP_PARENT_RUN_ID"  # set while a sweep runs: new runs become its children
+TRIAL_ENV = "FRAMEWORK_SWEEP_TRIAL"  # the Hydra job number of the trial being run
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -56,20 +58,33 @@ class MlflowTracker:
         except MlflowException:  # created concurrently by another process
             return client.get_experiment_by_name(self.experiment_name).experiment_id
 
-    @contextmanager
-    def start_run(self, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[MlflowRun]:
-        """Create a run (or reopen ``run_id`` to continue it); it ends FINISHED, FAILED on an exception,
-        KILLED on Ctrl-C."""
+    def open_run(self, tags: Mapping[str, str], run_id: str | None = None, run_name: str | None = None) -> MlflowRun:
+        """Create a RUNNING run (or reopen ``run_id``). Inside a sweep (``PARENT_RUN_ENV`` set by
+        ``framework.tracking.sweep``) a new run is the sweep parent's child and records its trial number."""
         client = self.client()
         if run_id is None:
-            info = client.create_run(self._experiment_id(client), run_name=self.run_name, tags=dict(tags)).info
+            tags = dict(tags)
+            run_name = run_name or self.run_name
+            if os.environ.get(PARENT_RUN_ENV):
+                tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+                tags["sweep_trial"] = os.environ.get(TRIAL_ENV, "")
+                run_name = f"{run_name}-trial{tags['sweep_trial']}"
+            info = client.create_run(self._experiment_id(client), run_name=run_name, tags=tags).info
         else:
             try:
                 info = client.get_run(run_id).info
             except MlflowException as err:
                 raise ValueError(f"cannot continue MLflow run {run_id} at {self.uri}: {err.message}") from err
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        run = MlflowRun(client, info.run_id, info.run_name)
+        return MlflowRun(client, info.run_id, info.run_name)
+
+    @contextmanager
+    def start_run(
+        self, tags: Mapping[str, str], run_id: str | None = None, run_name: str | None = None
+    ) -> Iterator[MlflowRun]:
+        """``open_run`` for the block; the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
+        run = self.open_run(tags, run_id, run_name)
+        client = run.client
         status = RunStatus.FINISHED
         try:
             yield run

@@ -1,0 +1,178 @@
+"""Data parallel through msrun: command lines per hardware config, SLURM fields, and real 2-process CPU training."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from framework.engine.checkpoint import read_checkpoint, weights_sha256
+from framework.launch import Hardware
+from framework.launch.msrun import msrun_command
+from framework.launch.slurm import first_host
+from framework.paths import PROJECT_ROOT
+from tests.conftest import all_runs, compose_config, mlflow_client
+
+TINY = ["dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=3"]
+
+
+def run_py(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python run.py <overrides>`` with every output (run dirs, MLflow store) under ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SLURM_"))}
+    command = [sys.executable, str(PROJECT_ROOT / "run.py"), f"paths.output_dir={tmp_path}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("hardware", "target", "devices"), [("gpu8", "GPU", 8), ("ascend8", "Ascend", 8), ("cpu2", "CPU", 2)]
+)
+def test_multi_device_configs_compose_to_msrun(make_config, hardware, target, devices, tmp_path):
+    hw = instantiate(make_config(f"hardware={hardware}", "hardware.master_port=8118").hardware)
+    assert isinstance(hw, Hardware) and hw.device_target == target and hw.world_size == devices and hw.distributed
+    command = msrun_command(hw, [f"hardware={hardware}", "scheduler.lr=0.1"], tmp_path / "run", 8118)
+    assert command[:3] == [sys.executable, "-m", "mindspore.parallel.cluster.run"]
+    options = dict(arg[2:].split("=", 1) for arg in command[3:] if arg.startswith("--"))
+    assert options == {
+        "worker_num": str(devices),
+        "local_worker_num": str(devices),
+        "master_addr": "127.0.0.1",
+        "master_port": "8118",
+        "node_rank": "0",
+        "log_dir": str(tmp_path / "run" / "msrun"),
+        "join": "True",
+        "cluster_time_out": "600",
+    }
+    script = command.index(str(PROJECT_ROOT / "run.py"))
+    assert command[script + 1 :] == [
+        f"hardware={hardware}",
+        "scheduler.lr=0.1",
+        f"paths.run_dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'run'}/ranks/${{rank_dir:}}",
+    ]
+
+
+def test_several_nodes_compose_to_msrun_per_node(make_config, tmp_path):
+    hw = instantiate(
+        make_config(
+            "hardware=ascend8",
+            "hardware.num_nodes=4",
+            "hardware.node_rank=2",
+            "hardware.master_addr=10.0.0.7",
+            "hardware.master_port=29500",
+        ).hardware
+    )
+    command = msrun_command(hw, [], tmp_path, 29500)
+    for option in ("--worker_num=32", "--local_worker_num=8", "--node_rank=2", "--master_addr=10.0.0.7"):
+        assert option in command
+
+
+def test_single_device_configs_do_not_relaunch(make_config):
+    for hardware in ("cpu", "gpu", "ascend"):
+        hw = instantiate(make_config(f"hardware={hardware}").hardware)
+        assert hw.world_size == 1 and not hw.distributed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["hardware.num_nodes=2"], "master_port is required with several nodes"),
+        (["hardware.num_nodes=2", "hardware.master_port=8118", "hardware.node_rank=2"], "node_rank=2 must be in"),
+        (["hardware.master_port=80"], "master_port=80 must be in 1024..65535"),
+    ],
+)
+def test_bad_node_settings_are_refused(make_config, overrides, message):
+    with pytest.raises(Exception, match=message):
+        instantiate(make_config("hardware=gpu8", *overrides).hardware)
+
+
+def test_slurm_job_sets_node_rank_and_master(make_config, monkeypatch):
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    hw = instantiate(make_config("hardware=gpu8", "hardware.num_nodes=2", "hardware.master_port=8118").hardware)
+    assert (hw.node_rank, hw.master_addr) == (1, "gpu07")
+    assert first_host("node[003,9-10],cpu1") == "node003" and first_host("a1-ib,a2-ib") == "a1-ib"
+
+
+def test_slurm_launcher_is_sized_from_hardware(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            ["hydra/launcher=slurm", "hardware=ascend8", "hardware.num_nodes=3", "hardware.master_port=8118"],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gres"]) == (3, 1, "npu:8")
+
+
+def _val_top1_of_checkpoint(tmp_path: Path, checkpoint: Path) -> float:
+    from framework.tasks.eval import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(compose_config(["task=eval", f"ckpt={checkpoint}", *TINY], tmp_path / "eval"))
+    return metrics["val_top1"]
+
+
+def test_cpu2_trains_data_parallel_with_one_mlflow_run(tmp_path):
+    """Two msrun processes on this CPU: same final weights on both ranks, one MLflow run (rank 0's) whose
+    metrics are those of the averaged model, every process's log in it."""
+    out = run_py(tmp_path, "hardware=cpu2", *TINY, "lr_scaling=linear", "lr_scaling.reference_batch_size=32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = all_runs(mlflow_client(tmp_path))
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ranks_weights_identical"] == "true"
+    assert (run.data.params["world_size"], run.data.params["global_batch_size"]) == ("2", "64")
+    # linear lr scaling for the global batch: 2 × 32 images per update → twice the configured peak lr
+    assert run.data.params["lr_scale_factor"] == "2.0"
+    peak = max(m.value for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "lr"))
+    assert peak == pytest.approx(2 * float(run.data.params["scheduler.lr"]))
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    checksums = {p.parent.name: p.read_text().strip() for p in (run_dir / "ranks").glob("*/weights.sha256")}
+    assert set(checksums) == {"rank_0", "rank_1"} and len(set(checksums.values())) == 1
+    params, _ = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    network_params = {k: v for k, v in params.items() if k in _network_names(run_dir)}
+    assert weights_sha256(network_params) == checksums["rank_0"] == run.data.tags["weights_sha256"]
+    client = mlflow_client(tmp_path)
+    logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs/msrun")}
+    assert {"logs/msrun/worker_0.log", "logs/msrun/worker_1.log", "logs/msrun/scheduler.log"} <= logs
+    # each rank trained on its own shard: their first-step losses differ
+    first = [_first_loss(run_dir / "msrun" / f"worker_{r}.log") for r in (0, 1)]
+    assert first[0] != first[1]
+    # the logged val metrics are the whole val split through the final (averaged) weights
+    assert _val_top1_of_checkpoint(tmp_path, run_dir / "checkpoints" / "last.ckpt") == pytest.approx(
+        run.data.metrics["val_top1"]
+    )
+
+
+def _network_names(run_dir: Path) -> set[str]:
+    """Names of the network's own parameters in a checkpoint (best.ckpt holds exactly those)."""
+    params, _ = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    return set(params)
+
+
+def _first_loss(log: Path) -> str:
+    match = re.search(r"step 1/\d+ loss (\S+)", log.read_text())
+    assert match, log.read_text()[-2000:]
+    return match.group(1)
+
+
+def test_cpu2_worker_failure_fails_the_run_with_the_cause(tmp_path):
+    out = run_py(tmp_path, "hardware=cpu2", *TINY, "scheduler.lr=1e30")
+    assert out.returncode == 1
+    assert "training error: data-parallel job failed" in out.stderr
+    assert "FloatingPointError: train loss is nan" in out.stderr
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FAILED"
+    logs = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "logs/msrun")}
+    assert "logs/msrun/worker_1.log" in logs
