@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,30 @@ def test_cpu2_worker_failure_fails_the_run_with_the_cause(tmp_path):
     assert run.info.status == "FAILED"
     logs = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "logs/msrun")}
     assert "logs/msrun/worker_1.log" in logs
+
+
+def test_cpu2_interrupted_job_is_killed_and_resumes_into_the_same_run(tmp_path):
+    """Ctrl-C after the first epoch: msrun stops both ranks, the run is KILLED with its last.ckpt, and
+    ``resume=runs:/<id>`` finishes the job data parallel in the same MLflow run."""
+    command = [sys.executable, str(PROJECT_ROOT / "run.py"), f"paths.output_dir={tmp_path}", "hardware=cpu2", *TINY]
+    command[-2] = "engine.epochs=3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           cwd=tmp_path, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGINT)  # Ctrl-C
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "KILLED"
+    assert f"resume=runs:/{run.info.run_id}" in stderr
+
+    out = subprocess.run([*command, f"resume=runs:/{run.info.run_id}"], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.tags["ranks_weights_identical"] == "true"
+    epochs = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_top1")]
+    assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]

@@ -69,7 +69,12 @@ def init_world() -> World:
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
-    return World(get_rank(), get_group_size())
+    world = World(get_rank(), get_group_size())
+    # data-parallel mode with gradient averaging (our train step applies World.grad_reducer itself)
+    ms.set_auto_parallel_context(
+        parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world.size
+    )
+    return world
 
 
 class _AllReduceSum(nn.Cell):

@@ -91,6 +91,8 @@ def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: M
     finally:
         signal.signal(signal.SIGTERM, previous)
     result = _read_result(run_dir)
+    # msrun exits 0 when it was interrupted itself (it kills its workers on SIGINT): no final result then
+    interrupted = interrupted or (returncode == 0 and hardware.node_rank == 0 and "history" not in result)
     if hardware.node_rank == 0 or "mlflow_run_id" in result:
         _file_job_into_run(tracker, result.get("mlflow_run_id"), run_dir, returncode, interrupted)
     if interrupted:

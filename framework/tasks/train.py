@@ -37,8 +37,9 @@ def train(cfg: DictConfig) -> FitResult:
     hardware = prepare(cfg)
     run_dir = Path(cfg.paths.run_dir)
     if hardware.distributed and not is_msrun_process():
-        record = relaunch(hardware, overrides(), run_dir, build(cfg, "tracking"))
-        return FitResult(record["history"], record["best"], {k: Path(v) for k, v in record["checkpoints"].items()})
+        record = relaunch(hardware, overrides(), run_dir, build(cfg, "tracking"))  # rank 0's, on node 0
+        checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
+        return FitResult(record.get("history", []), record.get("best"), checkpoints)
     world = hardware.setup(cfg.seed)
     data = build(cfg, "dataset")
     network = build_model(cfg, data.num_classes)
