@@ -1,4 +1,4 @@
-"""Entry point: ``python run.py [task=train|eval] [group=choice ...] [key=value ...]``."""
+"""Entry point: ``python run.py [-m] [task=train|eval|benchmark|compare] [group=choice ...] [key=value ...]``."""
 
 from typing import Any
 

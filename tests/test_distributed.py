@@ -86,6 +86,7 @@ def test_single_device_configs_do_not_relaunch(make_config):
         (["hardware.num_nodes=2"], "master_port is required with several nodes"),
         (["hardware.num_nodes=2", "hardware.master_port=8118", "hardware.node_rank=2"], "node_rank=2 must be in"),
         (["hardware.master_port=80"], "master_port=80 must be in 1024..65535"),
+        (["hardware.device_num=0"], "hardware.device_num must be >= 1, got 0"),
     ],
 )
 def test_bad_node_settings_are_refused(make_config, overrides, message):

@@ -41,6 +41,9 @@ class Hardware:
             raise ValueError(f"hardware.device_target must be one of {_TARGETS}, got '{self.device_target}'")
         if self.mode not in _MODES:
             raise ValueError(f"hardware.mode must be one of {sorted(_MODES)}, got '{self.mode}'")
+        for key in ("device_num", "num_nodes", "cluster_timeout"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"hardware.{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.node_rank < self.num_nodes:
             raise ValueError(f"hardware.node_rank={self.node_rank} must be in [0, num_nodes={self.num_nodes})")
         if self.num_nodes > 1 and self.master_port is None:
