@@ -20,7 +20,7 @@ from __future__ import annotations
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal, initializer
 
-from framework.models.layers import DropPath, linear_drop_path_rates
+from framework.models.layers import DropPath, StemMaxPool, linear_drop_path_rates
 from framework.models.registry import register_model
 
 BASE_CHANNELS = 64  # stem width and stage-1 CNN width at channel ratio 1
@@ -180,6 +180,11 @@ class FCUUp(nn.Cell):
         batch, _, dim = x.shape
         x = x[:, 1:].transpose(0, 2, 1).reshape(batch, dim, height // self.up_stride, width // self.up_stride)
         x = self.act(self.bn(self.conv_project(x)))
+        b, c, h, w = x.shape
+        if h * self.up_stride == height and w * self.up_stride == width:
+            # nearest upsampling by a whole factor repeats each value; unlike ResizeNearestNeighbor it exports to ONNX
+            x = ops.tile(x.reshape(b, c, h, 1, w, 1), (1, 1, 1, self.up_stride, 1, self.up_stride))
+            return x.reshape(b, c, height, width)
         return ops.interpolate(x, size=(height, width), mode="nearest")
 
 
@@ -259,7 +264,7 @@ class Conformer(nn.Cell):
         self.conv1 = _conv(in_channels, BASE_CHANNELS, 7, stride=2, padding=3)
         self.bn1 = _bn(BASE_CHANNELS, eps=1e-5)
         self.act1 = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        self.maxpool = StemMaxPool()
 
         stage_channels = [int(BASE_CHANNELS * channel_ratio * 2**stage) for stage in range(3)]
         trans_dw_stride = patch_size // 4  # the stem already reduces by 4

@@ -36,6 +36,23 @@ class DropPath(nn.Cell):
         return x / self.keep_prob * mask
 
 
+class StemMaxPool(nn.Cell):
+    """3×3 / 2 max pooling with 1-pixel padding of a non-negative (post-ReLU) map, as ResNet stems.
+
+    Zero padding then unpadded pooling gives the same maximum as padding with -inf when inputs are
+    non-negative, and exports to ONNX (Pad + MaxPool); ``nn.MaxPool2d(pad_mode="pad")`` lowers to
+    MaxPool3DWithArgmax, which MindSpore 2.8's ONNX exporter refuses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = ops.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.pool(self.pad(x))
+
+
 class SqueezeExcite(nn.Cell):
     """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features."""
 

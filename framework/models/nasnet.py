@@ -92,15 +92,14 @@ class FactorizedReduction(nn.Cell):
         self.act = nn.ReLU()
         self.conv_1 = _conv1x1(in_ch, out_ch // 2, stride=2)
         # The shifted path: the map minus its first row and column, zero-padded back at the bottom/right.
-        self.conv_2 = nn.Conv2d(
-            in_ch, out_ch // 2, 1, stride=2, pad_mode="pad", padding=(0, 1, 0, 1), has_bias=False,
-            weight_init=_he_normal(in_ch, 1),
-        )  # fmt: skip
+        # The padding is its own op: MindSpore 2.8 writes a conv's uneven padding to ONNX in the wrong order.
+        self.pad_2 = ops.Pad(((0, 0), (0, 0), (0, 1), (0, 1)))
+        self.conv_2 = _conv1x1(in_ch, out_ch // 2, stride=2)
         self.bn = _bn(out_ch, bn_momentum)
 
     def construct(self, x: Tensor) -> Tensor:
         x = self.act(x)
-        return self.bn(ops.concat((self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])), axis=1))
+        return self.bn(ops.concat((self.conv_1(x), self.conv_2(self.pad_2(x[:, :, 1:, 1:]))), axis=1))
 
 
 class SeparableConv2d(nn.Cell):

@@ -55,7 +55,8 @@ class ScaledStdConv2d(nn.Cell):
         # reducing over axes 1-3 of the 4-D weight); the per-row factor is formed before touching the weight.
         weight = self.weight.reshape(self.weight.shape[0], -1)
         centered = weight - weight.mean(axis=1, keep_dims=True)
-        inv_std = ops.rsqrt(ops.square(centered).mean(axis=1, keep_dims=True) + self.eps)
+        # 1 / sqrt rather than rsqrt: MindSpore 2.8's ONNX exporter has no Rsqrt
+        inv_std = 1.0 / ops.sqrt(ops.square(centered).mean(axis=1, keep_dims=True) + self.eps)
         weight = (centered * (inv_std * self.gain.reshape(-1, 1) * self.scale)).reshape(self.weight.shape)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
@@ -76,17 +77,25 @@ class GammaGELU(nn.Cell):
 
 
 class DownsampleAvg(nn.Cell):
-    """Shortcut projection: 2×2 average pool (when striding) → 1×1 scaled-std conv."""
+    """Shortcut projection: 2×2 average pool (when striding) → 1×1 scaled-std conv.
+
+    The pool is timm's (ceil mode, padding excluded from the mean). On even sizes that is a plain 2×2 pool,
+    which is used there because it exports to ONNX (the padded form lowers to AvgPool3D, which MindSpore
+    2.8's ONNX exporter refuses); odd sizes keep the padded form.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.has_pool = stride > 1
         if self.has_pool:
             self.pool = nn.AvgPool2d(2, stride, pad_mode="pad", ceil_mode=True, count_include_pad=False)
+            self.pool_even = nn.AvgPool2d(2, stride)
         self.conv = ScaledStdConv2d(in_ch, out_ch, 1)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.conv(self.pool(x) if self.has_pool else x)
+        if self.has_pool:
+            x = self.pool_even(x) if x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 else self.pool(x)
+        return self.conv(x)
 
 
 class NormFreeBlock(nn.Cell):

@@ -13,7 +13,7 @@ import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import HeNormal
 
-from framework.models.layers import ClassifierHead, DropPath, linear_drop_path_rates
+from framework.models.layers import ClassifierHead, DropPath, StemMaxPool, linear_drop_path_rates
 from framework.models.registry import register_model
 
 
@@ -91,7 +91,7 @@ class ResNeXt(nn.Cell):
         self.conv1 = _conv(in_channels, 64, 7, stride=2)
         self.bn1 = _bn(64)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        self.maxpool = StemMaxPool()
         rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, 64
         stages = []
         for stage_idx, depth in enumerate(layers):

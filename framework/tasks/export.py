@@ -1,0 +1,239 @@
+"""``task=export``: a checkpoint as a deployable model file (MINDIR, ONNX, AIR), checked against MindSpore.
+
+The network is exported in inference mode (NASNet's auxiliary head is off, Conformer's two heads are
+summed as at evaluation; for ONNX exact GELUs are written with an erf polynomial, see ``ErfGELU``)
+for a fixed input of ``export.batch_size`` × 3 × size × size, size being the
+dataset's eval size. Before anything is logged the exported file is run (MINDIR through
+``nn.GraphCell``, ONNX through onnxruntime) on the same random batch as the network itself, and
+refused if the logits differ by more than ``export.tolerance`` × max(1, largest |logit|) (float32 rounding
+grows with the logits' magnitude). The file, its parity and the class map
+go to a new MLflow run linked to the checkpoint's training run (tag ``source_run_id``); an ONNX
+export is also logged as an MLflow ``onnx`` model with a signature and an input example.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as ops
+import numpy as np
+from omegaconf import DictConfig
+
+from framework.config import ConfigError, build
+from framework.engine import load_checkpoint
+from framework.engine.checkpoint import read_checkpoint
+from framework.launch.signals import stop_signals_interrupt
+from framework.tasks.common import build_model, log_run_spec, prepare, print_summary, resolve_checkpoint, run_tags
+
+FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+
+
+@dataclass
+class Export:
+    """What to export (``export`` node of ``task=export``): format, input batch and size, parity tolerance."""
+
+    format: str = "MINDIR"
+    batch_size: int = 1
+    image_size: int | None = None
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        self.format = str(self.format).upper()
+        if self.format not in FORMATS:
+            raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        if self.batch_size < 1:
+            raise ValueError(f"export.batch_size must be >= 1, got {self.batch_size}")
+        if self.tolerance <= 0:
+            raise ValueError(f"export.tolerance must be > 0, got {self.tolerance}")
+
+
+class ErfGELU(nn.Cell):
+    """Exact GELU, x·Φ(x), with erf from Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7) in ops ONNX has.
+
+    MindSpore 2.8's ONNX exporter has no Erf (nor Sign), which exact ``nn.GELU`` needs; this form differs
+    from it by < 1e-6 (measured) and exports. Used for export only, training keeps ``nn.GELU``.
+    """
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        z = x * 0.7071067811865476
+        a = ops.abs(z)
+        t = 1.0 / (1.0 + 0.3275911 * a)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        erf = z / (a + 1e-20) * (1.0 - poly * ops.exp(-a * a))  # z / |z| is sign(z), which has no ONNX export
+        return 0.5 * x * (1.0 + erf)
+
+
+def onnx_exportable(network: nn.Cell) -> nn.Cell:
+    """``network`` with each exact ``nn.GELU`` replaced (in place) by ``ErfGELU``."""
+    for _, cell in list(network.cells_and_names()):
+        for name, child in list(cell.name_cells().items()):
+            if isinstance(child, nn.GELU) and child.approximate == "none":
+                setattr(cell, name, ErfGELU())
+    return network
+
+
+class ExportMismatch(RuntimeError):
+    """The exported model does not compute what the MindSpore network computes."""
+
+
+def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_format: str) -> Path:
+    """Write ``network`` (in inference mode) for inputs shaped like ``example``; returns the file written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = str(path.with_suffix(""))
+    if file_format == "ONNX":
+        from mindspore.onnx import export as onnx_export  # ms.export(..., "ONNX") is deprecated for this
+
+        onnx_export(
+            onnx_exportable(network),
+            ms.Tensor(example),
+            file_name=stem,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    else:
+        ms.export(network, ms.Tensor(example), file_name=stem, file_format=file_format)
+    written = Path(stem + FORMATS[file_format])
+    if not written.is_file():
+        raise RuntimeError(f"MindSpore reported no error but wrote no {file_format} file at {written}")
+    return written
+
+
+def load_exported(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A function images → logits running an exported MINDIR (``nn.GraphCell``) or ONNX (onnxruntime) file."""
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda images: session.run(None, {name: images.astype(np.float32)})[0]
+    if path.suffix == ".mindir":
+        cell = nn.GraphCell(ms.load(str(path)))
+        return lambda images: cell(ms.Tensor(images.astype(np.float32))).asnumpy()
+    raise ValueError(f"cannot run {path}: only .mindir and .onnx files run here (AIR runs on Ascend)")
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export ``cfg.ckpt`` as ``export.format``; returns the file, input shape, parity and MLflow run."""
+    hardware = prepare(cfg)
+    spec: Export = build(cfg, "export")
+    if spec.format == "AIR" and hardware.device_target != "Ascend":
+        raise ConfigError(
+            f"export.format=AIR needs the Ascend backend (MindSpore writes AIR only there); this job runs on "
+            f"{hardware.device_target}. Export MINDIR or ONNX here, or run with hardware=ascend on an Ascend host"
+        )
+    hardware.setup(cfg.seed)
+    tracker = build(cfg, "tracking")
+    run_dir = Path(cfg.paths.run_dir)
+    checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, run_dir / "checkpoint")
+    _, meta = read_checkpoint(checkpoint, meta_only=True)
+    num_classes = meta.get("num_classes") or cfg.model.get("num_classes") or cfg.dataset.num_classes
+    network = build_model(cfg, int(num_classes))
+    load_checkpoint(checkpoint, network)
+    network.set_train(False)
+    size = int(spec.image_size or cfg.dataset.get("eval_image_size") or cfg.dataset.image_size)
+    example = np.random.default_rng(cfg.seed).standard_normal((spec.batch_size, 3, size, size)).astype(np.float32)
+    reference = network(ms.Tensor(example)).asnumpy()
+    path = export_network(network, example, run_dir / "export" / str(cfg.model.name), spec.format)
+    max_abs_diff, logit_scale, any_batch = None, max(1.0, float(np.abs(reference).max())), False
+    if spec.format != "AIR":
+        run_exported = load_exported(path)
+        max_abs_diff = float(np.abs(run_exported(example) - reference).max())
+        any_batch = _accepts_any_batch(run_exported, example)
+        if not max_abs_diff <= spec.tolerance * logit_scale:
+            raise ExportMismatch(
+                f"the exported {spec.format} model differs from the MindSpore network by {max_abs_diff:.3g} "
+                f"(max abs logit difference, largest |logit| {logit_scale:.3g}; export.tolerance={spec.tolerance:g}"
+                f" × max(1, largest |logit|)); the file {path} is not logged"
+            )
+    source_run_id = uri_run_id or meta.get("mlflow_run_id")
+    tags = {**run_tags(cfg, "export"), "export_format": spec.format, "export_any_batch": str(any_batch).lower()}
+    if source_run_id:
+        tags["source_run_id"] = source_run_id
+    with stop_signals_interrupt(), tracker.start_run(tags) as run:
+        log_run_spec(run, cfg)
+        run.log_params({"export.input_shape": list(example.shape), "export.checkpoint": str(cfg.ckpt)})
+        classes = meta.get("class_names") or [str(i) for i in range(int(num_classes))]
+        run.log_text(json.dumps({"classes": classes}, indent=1), "data/classes.json")
+        if max_abs_diff is not None:
+            run.log_metrics({f"{spec.format.lower()}_max_abs_diff": max_abs_diff, "max_abs_logit": logit_scale}, step=0)
+        run.log_artifact(path, "export")
+        if spec.format == "ONNX":
+            providers = ["CUDAExecutionProvider"] if hardware.device_target == "GPU" else []
+            providers.append("CPUExecutionProvider")
+            _log_onnx_model(tracker.uri, run.run_id, path, example, reference, any_batch, providers)
+        if source_run_id:
+            tracker.client().set_tag(source_run_id, f"export.{spec.format.lower()}", run.run_id)
+    model_uri = f"runs:/{run.run_id}/model" if spec.format == "ONNX" else None
+    print_summary(
+        "export finished",
+        {
+            "file": str(path),
+            "input": f"float32 {['any' if any_batch else example.shape[0], *example.shape[1:]]} (NCHW, normalized "
+            "as the dataset's eval transform)",
+            "parity": "not checked (AIR runs on Ascend only)"
+            if max_abs_diff is None
+            else f"max abs logit difference {max_abs_diff:.2e} vs MindSpore (largest |logit| {logit_scale:.3g}, "
+            f"tolerance {spec.tolerance:g} × max(1, largest |logit|))",
+            "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
+            "artifact": f"runs:/{run.run_id}/export/{path.name}",
+            **(
+                {"mlflow model": f"{model_uri}  (serve: mlflow models serve -m {model_uri} --env-manager local)"}
+                if model_uri
+                else {}
+            ),  # fmt: skip
+        },
+    )
+    return {
+        "path": path,
+        "input_shape": example.shape,
+        "max_abs_diff": max_abs_diff,
+        "max_abs_logit": logit_scale,
+        "run_id": run.run_id,
+    }
+
+
+def _accepts_any_batch(run_exported: Callable[[np.ndarray], np.ndarray], example: np.ndarray) -> bool:
+    """Whether the exported model also runs on another batch size (Conformer's reshapes fix the batch)."""
+    try:
+        return run_exported(np.concatenate([example, example[:1]])).shape[0] == len(example) + 1
+    except Exception:  # onnxruntime / GraphCell refuse the shape
+        return False
+
+
+def _log_onnx_model(
+    uri: str,
+    run_id: str,
+    path: Path,
+    example: np.ndarray,
+    reference: np.ndarray,
+    any_batch: bool,
+    providers: list[str],
+) -> None:
+    """The ONNX file as an MLflow ``onnx`` model named ``model`` in run ``run_id``, with a signature (batch
+    axis -1 when any batch runs, else the exported batch), an input example and the execution providers."""
+    import mlflow
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    batch = -1 if any_batch else len(example)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (batch, *example.shape[1:]), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (batch, *reference.shape[1:]), "logits")]),
+    )
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.onnx.log_model(
+            onnx.load(str(path)),
+            name="model",
+            signature=signature,
+            input_example={"images": example[:1] if any_batch else example},
+            onnx_execution_providers=providers,
+        )
