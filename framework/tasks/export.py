@@ -160,6 +160,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         log_run_spec(run, cfg)
         run.log_params({"export.input_shape": list(example.shape), "export.checkpoint": str(cfg.ckpt)})
         classes = meta.get("class_names") or [str(i) for i in range(int(num_classes))]
+        (path.parent / "classes.json").write_text(json.dumps({"classes": classes}, indent=1))  # for task=predict
         run.log_text(json.dumps({"classes": classes}, indent=1), "data/classes.json")
         if max_abs_diff is not None:
             run.log_metrics({f"{spec.format.lower()}_max_abs_diff": max_abs_diff, "max_abs_logit": logit_scale}, step=0)

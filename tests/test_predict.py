@@ -1,0 +1,82 @@
+"""task=predict: top-k classes of image files from a checkpoint and from its MINDIR and ONNX exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from framework.config import ConfigError
+from framework.tasks.export import export
+from framework.tasks.predict import predict
+from tests.conftest import compose_config
+from tests.test_export import checkpoint_for
+
+SIZE = ["dataset.image_size=32"]
+
+
+def image_folder(root: Path) -> Path:
+    """Four digits as PNG files (two in a subfolder) and one file that is not an image."""
+    digits = load_digits()
+    (root / "sub").mkdir(parents=True)
+    for i in range(4):
+        image = Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).resize((24, 24))
+        image.save(root / ("sub" if i >= 2 else "") / f"digit_{i}.png")
+    (root / "broken.jpg").write_bytes(b"not a JPEG")
+    return root
+
+
+def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
+    ckpt = checkpoint_for("resnext50", tmp_path)
+    images = image_folder(tmp_path / "images")
+    exported = {
+        fmt: export(
+            compose_config(
+                ["task=export", *SIZE, "export.batch_size=2", f"ckpt={ckpt}", f"export.format={fmt}"], tmp_path / fmt
+            )
+        )["path"]  # fmt: skip
+        for fmt in ("MINDIR", "ONNX")
+    }
+    results = {}
+    for name, model in {"ckpt": ckpt, **exported}.items():
+        cfg = compose_config(["task=predict", *SIZE, f"ckpt={model}", f"input={images}", "predict.top_k=3",
+                              "predict.batch_size=3"], tmp_path / f"predict_{name}")  # fmt: skip
+        results[name] = predict(cfg)
+        run_dir = tmp_path / f"predict_{name}" / "run"
+        saved = json.loads((run_dir / "predictions.json").read_text())
+        assert [Path(s["file"]).name for s in saved["skipped"]] == ["broken.jpg"]
+        rows = list(csv.DictReader((run_dir / "predictions.csv").open()))
+        columns = {"file", *(f"{field}_{i}" for i in (1, 2, 3) for field in ("class", "probability"))}
+        assert len(rows) == 4 and set(rows[0]) == columns
+    reference = results["ckpt"]
+    assert [Path(r["file"]).name for r in reference] == ["digit_0.png", "digit_1.png", "digit_2.png", "digit_3.png"]
+    for record in reference:
+        assert len(record["top_k"]) == 3 and record["top_k"][0]["class"].startswith("digit ")
+        probabilities = [c["probability"] for c in record["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-9
+    for name in ("MINDIR", "ONNX"):  # class names come from the classes.json export writes beside the file
+        for got, want in zip(results[name], reference):
+            assert [c["class"] for c in got["top_k"]] == [c["class"] for c in want["top_k"]]
+            assert np.allclose([c["probability"] for c in got["top_k"]], [c["probability"] for c in want["top_k"]],
+                               atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["input=/nonexistent/photos"], "input=/nonexistent/photos: no such file or folder"),
+        (["format=onnx"], "is a '.ckpt' file but format=onnx"),
+        (["predict.top_k=0"], "predict.top_k and predict.batch_size must be >= 1"),
+    ],
+)
+def test_bad_predict_requests_are_refused(tmp_path, overrides, message):
+    ckpt = checkpoint_for("resnext50", tmp_path)
+    images = image_folder(tmp_path / "images")
+    cfg = compose_config(["task=predict", *SIZE, f"ckpt={ckpt}", f"input={images}", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        predict(cfg)
