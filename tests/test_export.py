@@ -81,3 +81,50 @@ def test_export_that_differs_beyond_tolerance_is_refused(tmp_path):
     with pytest.raises(ExportMismatch, match="differs from the MindSpore network by"):
         export(export_config(tmp_path, "resnext50", "ONNX", "export.tolerance=1e-12"))
     assert not (tmp_path / "mlflow" / "mlflow.db").exists() or all_runs(mlflow_client(tmp_path)) == []
+
+
+def test_onnx_model_is_served_over_http(tmp_path):
+    """``mlflow models serve`` on the export run's model answers a posted batch like local inference."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    result = export(export_config(tmp_path, "resnext50", "ONNX"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{result['run_id']}/model",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        images = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": {"images": images.tolist()}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        started = time.perf_counter()
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        print(f"SERVE round trip {1000 * (time.perf_counter() - started):.1f} ms for 3 images")
+        served = np.asarray(answer["predictions"]["logits"], np.float32)
+        assert served.shape == (3, 10)
+        assert np.abs(served - load_exported(result["path"])(images)).max() <= 1e-5
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
