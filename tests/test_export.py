@@ -10,7 +10,7 @@ import pytest
 from framework.config import ConfigError
 from framework.engine import save_checkpoint
 from framework.models import create_model
-from framework.tasks.export import ExportMismatch, export, load_exported
+from framework.tasks.export import ExportMismatch, ExportUnsupported, export, load_exported
 from tests.conftest import all_runs, compose_config, mlflow_client
 
 MODELS = ["resnext50", "efficientnet_b2", "nfnet_f0", "nasnet_a_mobile", "conformer_ti"]
@@ -128,3 +128,9 @@ def test_onnx_model_is_served_over_http(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_onnx_export_names_the_operator_mindspore_cannot_write(tmp_path):
+    """NFNet at 72 px pools a 9×9 map with the padded (AvgPool3D) pool, which has no ONNX export."""
+    with pytest.raises(ExportUnsupported, match="cannot export the AvgPool3D operator to ONNX.*Export MINDIR instead"):
+        export(export_config(tmp_path, "nfnet_f0", "ONNX", "dataset.image_size=72"))

@@ -21,12 +21,12 @@ SIZE = ["dataset.image_size=32"]
 
 
 def image_folder(root: Path) -> Path:
-    """Four digits as PNG files (two in a subfolder) and one file that is not an image."""
+    """Four digits as JPEG files (two in a subfolder) and one file that is not an image."""
     digits = load_digits()
     (root / "sub").mkdir(parents=True)
     for i in range(4):
         image = Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).resize((24, 24))
-        image.save(root / ("sub" if i >= 2 else "") / f"digit_{i}.png")
+        image.convert("RGB").save(root / ("sub" if i >= 2 else "") / f"digit_{i}.jpg", quality=95)
     (root / "broken.jpg").write_bytes(b"not a JPEG")
     return root
 
@@ -54,7 +54,7 @@ def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
         columns = {"file", *(f"{field}_{i}" for i in (1, 2, 3) for field in ("class", "probability"))}
         assert len(rows) == 4 and set(rows[0]) == columns
     reference = results["ckpt"]
-    assert [Path(r["file"]).name for r in reference] == ["digit_0.png", "digit_1.png", "digit_2.png", "digit_3.png"]
+    assert [Path(r["file"]).name for r in reference] == ["digit_0.jpg", "digit_1.jpg", "digit_2.jpg", "digit_3.jpg"]
     for record in reference:
         assert len(record["top_k"]) == 3 and record["top_k"][0]["class"].startswith("digit ")
         probabilities = [c["probability"] for c in record["top_k"]]

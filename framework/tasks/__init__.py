@@ -18,7 +18,7 @@ from framework.data.folder import bad_image_message
 from framework.engine import FitResult
 from framework.launch.msrun import JobFailed
 from framework.tasks.common import run_tags
-from framework.tasks.export import ExportMismatch
+from framework.tasks.export import ExportMismatch, ExportUnsupported
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
 from framework.tracking.sweep import child_runs
 
@@ -53,7 +53,7 @@ def error_message(err: BaseException) -> tuple[str, str | None]:
         return "config error", str(err)
     if isinstance(err, JobFailed):
         return "training error", str(err)
-    if isinstance(err, ExportMismatch):
+    if isinstance(err, (ExportMismatch, ExportUnsupported)):
         return "export error", str(err)
     message = bad_image_message(err)
     return "data error", message

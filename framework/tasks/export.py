@@ -14,6 +14,7 @@ export is also logged as an MLflow ``onnx`` model with a signature and an input 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,10 @@ class ExportMismatch(RuntimeError):
     """The exported model does not compute what the MindSpore network computes."""
 
 
+class ExportUnsupported(RuntimeError):
+    """MindSpore cannot write an operator of the model in the requested format."""
+
+
 def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_format: str) -> Path:
     """Write ``network`` (in inference mode) for inputs shaped like ``example``; returns the file written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,14 +94,24 @@ def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_forma
     if file_format == "ONNX":
         from mindspore.onnx import export as onnx_export  # ms.export(..., "ONNX") is deprecated for this
 
-        onnx_export(
-            onnx_exportable(network),
-            ms.Tensor(example),
-            file_name=stem,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        try:
+            onnx_export(
+                onnx_exportable(network),
+                ms.Tensor(example),
+                file_name=stem,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        except RuntimeError as err:
+            unsupported = re.search(r"Exporting (\w+) operator is not yet supported", str(err))
+            if unsupported is None:
+                raise
+            raise ExportUnsupported(
+                f"MindSpore {ms.__version__} cannot export the {unsupported.group(1)} operator to ONNX, which this "
+                f"model uses for input {list(example.shape)}. Export MINDIR instead, or another input size "
+                "(e.g. NFNet pools odd-sized maps with AvgPool3D; even sizes such as 192, 224 or 256 export)"
+            ) from err
     else:
         ms.export(network, ms.Tensor(example), file_name=stem, file_format=file_format)
     written = Path(stem + FORMATS[file_format])
