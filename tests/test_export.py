@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_export_matches_mindspore(tmp_path, model, fmt):
     assert f"export/{result['path'].name}" in artifacts
 
 
-def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path):
+def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path, monkeypatch):
     client = mlflow_client(tmp_path)
     compose_config([], tmp_path)  # creates the isolated store's directory
     experiment = client.create_experiment("classification", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -59,10 +60,12 @@ def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path):
     cfg = compose_config(["task=export", "dataset.image_size=32", "export.batch_size=2", f"ckpt={ckpt}",
                           "export.format=ONNX"], tmp_path)  # fmt: skip
     result = export(cfg)
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "logging the model must not redirect later runs"
     assert client.get_run(source).data.tags["export.onnx"] == result["run_id"]
     assert client.get_run(result["run_id"]).data.tags["source_run_id"] == source
     import mlflow.pyfunc
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/model")
     images = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)  # not the export batch
     served = model.predict({"images": images})["logits"]

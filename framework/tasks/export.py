@@ -14,6 +14,7 @@ export is also logged as an MLflow ``onnx`` model with a signature and an input 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,12 +258,16 @@ def _log_onnx_model(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (batch, *example.shape[1:]), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (batch, *reference.shape[1:]), "logits")]),
     )
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.onnx.log_model(
-            onnx.load(str(path)),
-            name="model",
-            signature=signature,
-            input_example={"images": example[:1] if any_batch else example},
-            onnx_execution_providers=providers,
-        )
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # the fluent API's; it also sets $MLFLOW_TRACKING_URI, restored below
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.onnx.log_model(
+                onnx.load(str(path)),
+                name="model",
+                signature=signature,
+                input_example={"images": example[:1] if any_batch else example},
+                onnx_execution_providers=providers,
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets it
