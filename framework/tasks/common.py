@@ -16,7 +16,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
-from framework.engine.checkpoint import read_checkpoint
+from framework.engine.checkpoint import load_checkpoint, read_checkpoint
 from framework.launch import Hardware
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
@@ -40,6 +40,19 @@ def build_model(cfg: DictConfig, num_classes: int) -> Any:
             "Set model.num_classes to match (or null to follow the dataset)"
         )
     return build(cfg, "model", num_classes=num_classes)
+
+
+def load_trained_network(cfg: DictConfig, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    """``cfg.model`` holding ``checkpoint``'s weights, in inference mode, and the checkpoint's metadata.
+
+    The head has the checkpoint's class count (else ``model.num_classes``, else the dataset's).
+    """
+    _, meta = read_checkpoint(checkpoint, meta_only=True)
+    num_classes = meta.get("num_classes") or cfg.model.get("num_classes") or cfg.dataset.num_classes
+    network = build_model(cfg, int(num_classes))
+    load_checkpoint(checkpoint, network)
+    network.set_train(False)
+    return network, meta
 
 
 def print_config(cfg: DictConfig) -> None:

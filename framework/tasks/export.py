@@ -28,10 +28,15 @@ import numpy as np
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
-from framework.engine import load_checkpoint
-from framework.engine.checkpoint import read_checkpoint
 from framework.launch.signals import stop_signals_interrupt
-from framework.tasks.common import build_model, log_run_spec, prepare, print_summary, resolve_checkpoint, run_tags
+from framework.tasks.common import (
+    load_trained_network,
+    log_run_spec,
+    prepare,
+    print_summary,
+    resolve_checkpoint,
+    run_tags,
+)
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
@@ -148,11 +153,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     tracker = build(cfg, "tracking")
     run_dir = Path(cfg.paths.run_dir)
     checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, run_dir / "checkpoint")
-    _, meta = read_checkpoint(checkpoint, meta_only=True)
-    num_classes = meta.get("num_classes") or cfg.model.get("num_classes") or cfg.dataset.num_classes
-    network = build_model(cfg, int(num_classes))
-    load_checkpoint(checkpoint, network)
-    network.set_train(False)
+    network, meta = load_trained_network(cfg, checkpoint)
     size = int(spec.image_size or cfg.dataset.get("eval_image_size") or cfg.dataset.image_size)
     example = np.random.default_rng(cfg.seed).standard_normal((spec.batch_size, 3, size, size)).astype(np.float32)
     reference = network(ms.Tensor(example)).asnumpy()
@@ -177,9 +178,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     with stop_signals_interrupt(), tracker.start_run(tags) as run:
         log_run_spec(run, cfg)
         run.log_params({"export.input_shape": list(example.shape), "export.checkpoint": str(cfg.ckpt)})
-        classes = meta.get("class_names") or [str(i) for i in range(int(num_classes))]
-        (path.parent / "classes.json").write_text(json.dumps({"classes": classes}, indent=1))  # for task=predict
-        run.log_text(json.dumps({"classes": classes}, indent=1), "data/classes.json")
+        classes = meta.get("class_names") or [str(i) for i in range(reference.shape[1])]
+        class_map = json.dumps({"classes": classes}, indent=1)
+        (path.parent / "classes.json").write_text(class_map)  # beside the file, for task=predict
+        run.log_text(class_map, "data/classes.json")
         if max_abs_diff is not None:
             run.log_metrics({f"{spec.format.lower()}_max_abs_diff": max_abs_diff, "max_abs_logit": logit_scale}, step=0)
         run.log_artifact(path, "export")

@@ -28,9 +28,7 @@ from rich.progress import Progress
 from framework.config import ConfigError, build
 from framework.data.folder import IMAGE_EXTENSIONS
 from framework.data.transforms import eval_ops
-from framework.engine import load_checkpoint
-from framework.engine.checkpoint import read_checkpoint
-from framework.tasks.common import build_model, console, prepare, print_summary, resolve_checkpoint
+from framework.tasks.common import console, load_trained_network, prepare, print_summary, resolve_checkpoint
 from framework.tasks.export import load_exported
 
 FORMATS = {".ckpt": "ckpt", ".mindir": "mindir", ".onnx": "onnx"}
@@ -115,10 +113,7 @@ def _load_model(
 ) -> tuple[Callable[[np.ndarray], np.ndarray], list[str] | None, int | None]:
     """(images → logits, class names or None, the model's fixed batch size or None)."""
     if kind == "ckpt":
-        _, meta = read_checkpoint(path, meta_only=True)
-        network = build_model(cfg, int(meta.get("num_classes") or cfg.dataset.num_classes))
-        load_checkpoint(path, network)
-        network.set_train(False)
+        network, meta = load_trained_network(cfg, path)
         return (lambda images: network(ms.Tensor(images)).asnumpy()), meta.get("class_names"), None
     classes = path.parent / "classes.json"
     if not classes.is_file() and run_id is not None:
