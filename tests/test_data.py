@@ -16,7 +16,6 @@ from framework.data.synthetic import write_image_folder
 from framework.data.transforms import eval_resize_size
 from framework.engine.losses import CrossEntropy
 from framework.tasks import run
-from framework.tasks.benchmark import benchmark
 from framework.tasks.train import train
 from tests.conftest import all_runs, compose_config, mlflow_client
 
@@ -278,31 +277,3 @@ def test_bad_pipeline_settings_fail_at_build(tmp_path, tree, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
         build(cfg, "dataset")
-
-
-def test_data_benchmark_measures_pipeline_and_train_step(tmp_path):
-    cfg = compose_config(
-        [
-            "task=benchmark",
-            "dataset=synthetic_jpeg",
-            f"dataset.path={tmp_path / 'syn'}",
-            "dataset.train_images=40",
-            "dataset.val_images=10",
-            "dataset.image_size_wh=[64,48]",
-            "dataset.image_size=32",
-            "dataset.batch_size=8",
-            *HEAVY,
-            "benchmark.batches=4",
-            "benchmark.warmup_batches=1",
-            "benchmark.steps=2",
-            "benchmark.warmup_steps=1",
-        ],
-        tmp_path,
-    )
-    results = benchmark(cfg)
-    assert len(list((tmp_path / "syn" / "train").glob("*/*.JPEG"))) == 40  # the tree was written
-    assert results["data_img_per_s"] > 0 and results["train_step_img_per_s"] > 0
-    assert results["data_over_train_step"] == pytest.approx(results["data_img_per_s"] / results["train_step_img_per_s"])
-    (run,) = all_runs(mlflow_client(tmp_path))
-    assert run.data.metrics["data_img_per_s"] == pytest.approx(results["data_img_per_s"])
-    assert run.data.tags["task"] == "benchmark" and run.data.params["benchmark.measure"] == "['data', 'train_step']"

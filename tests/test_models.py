@@ -12,7 +12,8 @@ import pytest
 from framework.config import build
 from framework.engine.losses import HeadsLoss
 from framework.models import create_model, list_models
-from framework.models.layers import DropPath
+from framework.models.layers import DropPath, StemMaxPool
+from framework.models.nfnet import GELU_GAMMA, GammaGELU
 from tests.conftest import CONF_DIR
 
 # Trainable parameters at 1000 classes, as timm counts them (BatchNorm statistics excluded).
@@ -162,3 +163,20 @@ def test_drop_path_grows_linearly_to_the_last_block(name):
     blocks = 16 if name == "resnext50_32x4d" else 12
     assert len(keep) == blocks - 1  # the first block's rate is 0: no DropPath cell
     np.testing.assert_allclose(keep, [1 - 0.2 * i / (blocks - 1) for i in range(1, blocks)], rtol=1e-6)
+
+
+def test_stem_max_pool_forms_equal_padded_max_pooling():
+    """The concatenated-border form (training) and the Pad form (ONNX export) both equal 3×3/2 pooling with
+    -inf padding on the non-negative maps a stem's ReLU gives."""
+    x = ms.Tensor(np.maximum(np.random.default_rng(0).standard_normal((2, 4, 10, 10)), 0).astype(np.float32))
+    reference = nn.MaxPool2d(3, 2, pad_mode="pad", padding=1)(x).asnumpy()
+    pool = StemMaxPool()
+    np.testing.assert_array_equal(pool(x).asnumpy(), reference)
+    pool.concat_border = False
+    np.testing.assert_array_equal(pool(x).asnumpy(), reference)
+
+
+def test_gamma_gelu_is_the_tanh_gelu_times_gamma():
+    x = ms.Tensor(np.linspace(-6, 6, 101, dtype=np.float32))
+    expected = nn.GELU(approximate=True)(x).asnumpy() * GELU_GAMMA
+    np.testing.assert_allclose(GammaGELU()(x).asnumpy(), expected, atol=2e-6)

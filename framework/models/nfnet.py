@@ -25,6 +25,7 @@ from framework.models.registry import register_model
 
 # Variance-preserving gamma of GELU, from the official DeepMind code.
 GELU_GAMMA = 1.7015043497085571
+GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)
 STAGE_CHANNELS = (256, 512, 1536, 1536)
 
 
@@ -56,7 +57,8 @@ class ScaledStdConv2d(nn.Cell):
         weight = self.weight.reshape(self.weight.shape[0], -1)
         centered = weight - weight.mean(axis=1, keep_dims=True)
         # 1 / sqrt rather than rsqrt: MindSpore 2.8's ONNX exporter has no Rsqrt
-        inv_std = 1.0 / ops.sqrt(ops.square(centered).mean(axis=1, keep_dims=True) + self.eps)
+        # centered * centered: the backward of ops.square goes through a slow Pow kernel on CPU
+        inv_std = 1.0 / ops.sqrt((centered * centered).mean(axis=1, keep_dims=True) + self.eps)
         weight = (centered * (inv_std * self.gain.reshape(-1, 1) * self.scale)).reshape(self.weight.shape)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
@@ -64,16 +66,14 @@ class ScaledStdConv2d(nn.Cell):
 class GammaGELU(nn.Cell):
     """GELU times its variance-preserving gamma, so activations keep unit variance.
 
-    The tanh approximation, as ``jax.nn.gelu`` in the DeepMind code (and a fused kernel on CPU; the exact
-    erf form is composed of many small ops there and costs several times more in the backward pass).
+    The tanh approximation, as ``jax.nn.gelu`` in the DeepMind code, written as
+    ``x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x³))`` (the same function: 0.5 (1 + tanh z) = sigmoid(2z)).
+    On MindSpore 2.8's CPU backend this form trains ~3× faster than ``nn.GELU(approximate=True)``, whose
+    kernel and cube (``Pow``) took a quarter of NFNet-F0's step (``task=benchmark`` profile).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.gelu = nn.GELU(approximate=True)
-
     def construct(self, x: Tensor) -> Tensor:
-        return self.gelu(x) * GELU_GAMMA
+        return x * ops.sigmoid(GELU_TANH_SCALE * (x + 0.044715 * (x * x * x))) * GELU_GAMMA
 
 
 class DownsampleAvg(nn.Cell):

@@ -17,6 +17,7 @@ from framework.config import ConfigError, build
 from framework.data.folder import bad_image_message
 from framework.engine import FitResult
 from framework.launch.msrun import JobFailed
+from framework.tasks.benchmark import BenchmarkFailed
 from framework.tasks.common import run_tags
 from framework.tasks.export import ExportMismatch, ExportUnsupported
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
@@ -55,6 +56,8 @@ def error_message(err: BaseException) -> tuple[str, str | None]:
         return "training error", str(err)
     if isinstance(err, (ExportMismatch, ExportUnsupported)):
         return "export error", str(err)
+    if isinstance(err, BenchmarkFailed):
+        return "benchmark error", str(err)
     message = bad_image_message(err)
     return "data error", message
 
@@ -71,7 +74,7 @@ def run_trial(cfg: DictConfig) -> Any:
         kind, message = error_message(err)
         if message is None:
             log.exception("trial failed")
-            message = f"{type(err).__name__}: {err}"
+            kind, message = "error", f"{type(err).__name__}: {err}"
         print(f"trial {os.environ.get(TRIAL_ENV, '?')} failed, the sweep goes on: {kind}: {message}", file=sys.stderr)
         record_failed_trial(cfg, f"{kind}: {message}")
         return math.nan

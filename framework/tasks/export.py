@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
 from framework.launch.signals import stop_signals_interrupt
+from framework.models.layers import StemMaxPool
 from framework.tasks.common import (
     load_trained_network,
     log_run_spec,
@@ -77,8 +78,11 @@ class ErfGELU(nn.Cell):
 
 
 def onnx_exportable(network: nn.Cell) -> nn.Cell:
-    """``network`` with each exact ``nn.GELU`` replaced (in place) by ``ErfGELU``."""
+    """``network`` with each exact ``nn.GELU`` replaced (in place) by ``ErfGELU`` and stem pools padded with
+    ``Pad`` (batch-size free in ONNX) instead of a concatenated border; the computation is unchanged."""
     for _, cell in list(network.cells_and_names()):
+        if isinstance(cell, StemMaxPool):
+            cell.concat_border = False
         for name, child in list(cell.name_cells().items()):
             if isinstance(child, nn.GELU) and child.approximate == "none":
                 setattr(cell, name, ErfGELU())

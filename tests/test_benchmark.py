@@ -1,0 +1,168 @@
+"""task=benchmark: real measurements in fresh processes, the hand-written loops, the timm side, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import mindspore as ms
+import mindspore.nn as nn
+import numpy as np
+import pytest
+
+from framework.config import ConfigError, build
+from framework.engine.losses import CrossEntropy
+from framework.tasks.benchmark import (
+    Benchmark,
+    BenchmarkFailed,
+    benchmark,
+    hand_cell_loop,
+    hand_jit_loop,
+    in_fresh_process,
+)
+from tests.conftest import all_runs, compose_config, mlflow_client
+
+TINY = ["benchmark.image_size=16", "benchmark.batch_size=4", "benchmark.warmup_steps=1"]
+TINY += ["benchmark.steps=2", "benchmark.rounds=2", "benchmark.num_classes=10"]
+
+
+def test_benchmark_measures_pipeline_step_eval_and_hand_loops(tmp_path):
+    cfg = compose_config(
+        [
+            "task=benchmark",
+            "dataset=synthetic_jpeg",
+            f"dataset.path={tmp_path / 'syn'}",
+            "dataset.train_images=40",
+            "dataset.val_images=10",
+            "dataset.image_size_wh=[64,48]",
+            "dataset.image_size=32",
+            "dataset.batch_size=8",
+            "dataset.augment.auto_augment=rand-m9-mstd0.5-inc1",
+            "dataset.mixup.mixup_alpha=0.8",
+            "benchmark.batches=4",
+            "benchmark.warmup_batches=1",
+            *TINY,
+        ],
+        tmp_path,
+    )
+    results = benchmark(cfg)
+    assert len(list((tmp_path / "syn" / "train").glob("*/*.JPEG"))) == 40  # the tree was written
+    for key in ("data", "train_step", "eval", "hand_jit", "hand_cell"):
+        assert results[f"{key}_img_per_s"] > 0, key
+    assert results["data_over_train_step"] == pytest.approx(results["data_img_per_s"] / results["train_step_img_per_s"])
+    fastest_hand = max(results["hand_jit_img_per_s"], results["hand_cell_img_per_s"])
+    ours = results["train_step_img_per_s"]
+    assert results["framework_overhead_pct"] == pytest.approx(100 * (1 - ours / fastest_hand))
+    # measured in a fresh process: start-up includes importing MindSpore and compiling; memory is the model's
+    assert 1.0 < results["time_to_first_step_s"] < 600
+    assert 200 < results["peak_rss_mb"] < 20_000
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.data.metrics["train_step_img_per_s"] == pytest.approx(results["train_step_img_per_s"])
+    assert run.data.tags["task"] == "benchmark" and run.data.params["benchmark.image_size"] == "16"
+    logged = json.loads((tmp_path / "run" / "benchmark" / "mindspore.result.json").read_text())
+    assert logged["peak_rss_mb"] == results["peak_rss_mb"]
+
+
+def test_benchmark_side_by_side_with_timm_and_op_profiles(tmp_path):
+    pytest.importorskip("timm")
+    cfg = compose_config(
+        ["task=benchmark", "benchmark=vs_timm", *TINY, "benchmark.image_size=32", "benchmark.threads=1",
+         "benchmark.profile=true"],
+        tmp_path,
+    )  # fmt: skip
+    results = benchmark(cfg)
+    assert results["timm_train_img_per_s"] > 0 and results["timm_eval_img_per_s"] > 0
+    ours, timm = results["train_step_img_per_s"], results["timm_train_img_per_s"]
+    assert results["train_ratio_vs_timm"] == pytest.approx(ours / timm)
+    assert results["timm_peak_rss_mb"] > 100 and results["timm_time_to_first_step_s"] > 0.5
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.data.tags["timm_model"] == "resnext50_32x4d" and run.data.tags["torch"]
+    artifacts = {f.path for f in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "benchmark")}
+    assert {"benchmark/profile_mindspore.csv", "benchmark/profile_timm.csv", "benchmark/results.json"} <= artifacts
+    for name, conv in (("mindspore", "Conv2D"), ("timm", "aten::convolution_backward")):
+        with (tmp_path / "run" / "benchmark" / f"profile_{name}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert sum(float(r["percent"]) for r in rows) == pytest.approx(100, abs=0.1)
+        (row,) = [r for r in rows if r["op"] == conv]
+        assert float(row["calls_per_step"]) == 53  # ResNeXt-50 has 53 convolutions
+        assert float(row["ms_per_step"]) > 0
+
+
+def test_timm_side_without_the_bench_extra_says_how_to_install_it(tmp_path, monkeypatch):
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "timm.py").write_text("raise ModuleNotFoundError(\"No module named 'timm'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    cfg = compose_config(["task=benchmark", "benchmark=vs_timm", *TINY, "benchmark.measure=[timm]"], tmp_path)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[bench\]"'):
+        benchmark(cfg)
+    assert all_runs(mlflow_client(tmp_path)) == []
+
+
+def test_model_without_timm_twin_is_refused_before_measuring(tmp_path):
+    cfg = compose_config(["task=benchmark", "benchmark=vs_timm", "model=nasnet_a_mobile"], tmp_path)
+    with pytest.raises(ConfigError, match="timm has no nasnet_a_mobile.*benchmark.timm_model"):
+        benchmark(cfg)
+    assert not (tmp_path / "run" / "benchmark" / "mindspore.spec.json").exists()
+
+
+def test_measuring_process_killed_or_failing_is_reported(tmp_path):
+    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(
+        BenchmarkFailed, match=r"mindspore benchmark process was killed \(SIGKILL\), most likely out of memory"
+    ):
+        in_fresh_process([sys.executable, "-c", kill_self], {}, tmp_path / "mindspore")
+    fail = "import sys; print('first line', file=sys.stderr); raise SystemExit('cannot build the model')"
+    with pytest.raises(BenchmarkFailed, match=r"timm benchmark process failed \(exit 1\): first line \| cannot build"):
+        in_fresh_process([sys.executable, "-c", fail], {}, tmp_path / "timm")
+    spec = json.loads((tmp_path / "timm.spec.json").read_text())
+    assert spec == {"result": str(tmp_path / "timm.result.json")}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("benchmark.measure=[speed]", "unknown \\['speed'\\]"), ("benchmark.steps=0", "benchmark.steps must be >= 1"),
+     ("benchmark.threads=0", "benchmark.threads must be >= 1")],
+)  # fmt: skip
+def test_bad_benchmark_settings(tmp_path, override, message):
+    cfg = compose_config(["task=benchmark", override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        build(cfg, "benchmark")
+
+
+class TwoHeads(nn.Cell):
+    """A network with two heads in training (as NASNet's aux head or Conformer's CNN/transformer heads)."""
+
+    head_loss_weights = (1.0, 0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Dense(8, 16)
+        self.head_a, self.head_b = nn.Dense(16, 3), nn.Dense(16, 3)
+
+    def construct(self, x):
+        features = ms.ops.relu(self.body(x))
+        return self.head_a(features), self.head_b(features)
+
+
+@pytest.mark.parametrize("loop", [hand_jit_loop, hand_cell_loop])
+def test_hand_loops_train_every_head(loop):
+    ms.set_seed(0)
+    rng = np.random.default_rng(0)
+    images = ms.Tensor(rng.standard_normal((12, 8), dtype=np.float32))
+    labels = ms.Tensor(rng.integers(0, 3, 12, dtype=np.int32))
+    network = TwoHeads()
+    optimizer = nn.Momentum(network.trainable_params(), learning_rate=0.1, momentum=0.9)
+    before = {p.name: p.asnumpy().copy() for p in network.trainable_params()}
+    step = loop(network, CrossEntropy(), optimizer, images, labels)
+    losses = [float(step()) for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]  # both heads' loss, summed, goes down
+    assert all(not np.array_equal(before[p.name], p.asnumpy()) for p in network.trainable_params())
+
+
+def test_benchmark_config_defaults_follow_the_run_spec(tmp_path):
+    cfg = compose_config(["task=benchmark", "dataset.image_size=48", "dataset.batch_size=16"], tmp_path)
+    bench: Benchmark = build(cfg, "benchmark")
+    assert (bench.image_size, bench.batch_size, bench.num_classes) == (48, 16, 10)
+    assert bench.measure == ["data", "train_step", "eval", "hand_loop"]
