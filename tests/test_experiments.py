@@ -76,16 +76,16 @@ def test_experiment_carries_the_seed_values(tmp_path, experiment):
 
 
 # The whole recipe on digits: its model, optimizer, schedule, precision, loss scaling, augmentation and mixup,
-# only smaller (16 px, 2 epochs of 2 steps, batch 16).
+# only smaller (16 px, 1 epoch of 3 steps, batch 16; epochs and resume are tested in test_step.py).
 ON_DIGITS = ["dataset=digits", "dataset.image_size=16", "dataset.eval_image_size=null", "dataset.batch_size=16",
-             "dataset.eval_batch_size=120", "engine.epochs=2", "engine.limit_train_batches=2"]  # fmt: skip
+             "dataset.eval_batch_size=120", "engine.epochs=1", "engine.limit_train_batches=3"]  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", sorted(SEED_VALUES))
 def test_experiment_recipe_runs_on_digits(tmp_path, experiment):
     cfg = compose_config([f"experiment={experiment}", *ON_DIGITS], tmp_path)
     result = train(cfg)
-    assert [h["epoch"] for h in result.history] == [1, 2] and 0.0 <= result.last["val_top1"] <= 1.0
+    assert [h["epoch"] for h in result.history] == [1] and 0.0 <= result.last["val_top1"] <= 1.0
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "FINISHED" and run.data.params["engine.amp_level"] == cfg.engine.amp_level
 

@@ -36,8 +36,12 @@ def export_config(tmp_path: Path, model: str, fmt: str, *overrides: str):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", ["MINDIR", "ONNX"])
-@pytest.mark.parametrize("model", MODELS)
+# ONNX for every model (each needed its own exportable ops); MINDIR, a generic exact round trip, for the
+# plainest model and for Conformer-Ti, whose reshapes fix the batch.
+@pytest.mark.parametrize(
+    ("model", "fmt"),
+    [*((model, "ONNX") for model in MODELS), ("resnext50", "MINDIR"), ("conformer_ti", "MINDIR")],
+)
 def test_export_matches_mindspore(tmp_path, model, fmt):
     result = export(export_config(tmp_path, model, fmt))
     assert result["max_abs_diff"] <= 1e-4 * result["max_abs_logit"] and result["input_shape"] == (2, 3, 32, 32)
