@@ -96,7 +96,7 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
     """Run the measurements ``cfg.benchmark`` selects for ``cfg.model``; print a table, log an MLflow run."""
     prepare(cfg).setup(cfg.seed)
     bench: Benchmark = build(cfg, "benchmark")
-    timm_model = bench.timm_model or TIMM_MODELS.get(str(cfg.model.name)) if "timm" in bench.measure else None
+    timm_model = (bench.timm_model or TIMM_MODELS.get(str(cfg.model.name))) if "timm" in bench.measure else None
     if "timm" in bench.measure and timm_model is None:
         raise ConfigError(
             f"benchmark.measure has timm but timm has no {cfg.model.name}; models with a timm twin: "
