@@ -11,6 +11,7 @@ import pytest
 from mlflow.entities import RunStatus
 
 from framework.engine import load_checkpoint, save_checkpoint
+from framework.engine.checkpoint import read_checkpoint
 from framework.engine.losses import HeadsLoss
 from framework.optim.schedules import cosine, multistep
 from framework.tracking import MlflowTracker
@@ -47,6 +48,20 @@ def test_truncated_checkpoint_is_reported(tmp_path):
     path = save_checkpoint(nn.Dense(64, 64), tmp_path / "b.ckpt", {})
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(path, nn.Dense(64, 64))
+
+
+def test_checkpoint_with_damaged_weights_is_reported(tmp_path):
+    """Bytes flipped inside a tensor still parse; the checksum written with the weights catches them."""
+    network = nn.Dense(64, 64)
+    path = save_checkpoint(network, tmp_path / "c.ckpt", {"epoch": 3})
+    data = bytearray(path.read_bytes())
+    offset = bytes(data).find(network.weight.asnumpy().tobytes()[:16])
+    assert offset > 0
+    data[offset + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert read_checkpoint(path, meta_only=True)[1] == {"epoch": 3}  # the metadata alone is still readable
+    with pytest.raises(ValueError, match=r"c\.ckpt is corrupt: its weights do not match the SHA-256"):
         load_checkpoint(path, nn.Dense(64, 64))
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: network weights plus a JSON metadata record, written atomically.
+"""Checkpoint files: network weights plus a JSON metadata record, written atomically, with a checksum.
 
 A *training-state* checkpoint (``last.ckpt``, periodic ones) also holds what exact resume needs:
 optimizer moments and step (hence the lr position), the loss scale, the EMA weights.
@@ -18,31 +18,59 @@ import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 
 META_KEY = "framework_meta"
+CHECKSUM_KEY = "weights_sha256"  # in the metadata: SHA-256 of the weights saved with it
 
 
 def save_checkpoint(weights: nn.Cell | dict[str, Parameter], path: Path, meta: dict[str, Any]) -> Path:
-    """Write ``weights`` (a network, or named parameters) and ``meta`` to ``path`` via a temporary file,
-    so a crash never leaves half a file."""
+    """Write ``weights`` (a network, or named parameters) and ``meta`` to ``path`` atomically and durably.
+
+    The file is written under a temporary name, flushed to disk, then renamed over ``path`` (and the folder
+    entry flushed), so a crash leaves the old file or the new one, never half of one. ``meta`` records a
+    SHA-256 of the weights, which ``read_checkpoint`` checks: damage inside the tensor bytes is caught too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.ckpt")  # MindSpore insists on the .ckpt suffix
-    if isinstance(weights, dict):
-        weights = [{"name": name, "data": value} for name, value in weights.items()]
-    ms.save_checkpoint(weights, str(partial), append_dict={META_KEY: json.dumps(meta)})
+    named = {p.name: p for p in weights.get_parameters()} if isinstance(weights, nn.Cell) else weights
+    meta = {**meta, CHECKSUM_KEY: weights_sha256(named)}
+    entries = [{"name": name, "data": value} for name, value in named.items()]
+    ms.save_checkpoint(entries, str(partial), append_dict={META_KEY: json.dumps(meta)})
+    _fsync(partial)
     os.replace(partial, path)
+    _fsync(path.parent)
     return path
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def read_checkpoint(path: str | Path, meta_only: bool = False) -> tuple[dict[str, Parameter], dict[str, Any]]:
-    """(named parameters, metadata) of a checkpoint file; ``meta_only`` builds no parameters (empty dict)."""
+    """(named parameters, metadata) of a checkpoint file; ``meta_only`` builds no parameters (empty dict).
+
+    A file that cannot be parsed (e.g. truncated) or whose weights differ from the checksum written with them
+    raises ValueError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         params = ms.load_checkpoint(str(path), choice_func=(lambda name: name == META_KEY) if meta_only else None)
-    except (RuntimeError, ValueError) as err:
+        meta = json.loads(str(params.pop(META_KEY, "{}")))
+    except (RuntimeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
-    return params, json.loads(str(params.pop(META_KEY, "{}")))
+    checksum = meta.pop(CHECKSUM_KEY, None)  # callers get back the metadata they wrote
+    if not meta_only and checksum is not None and weights_sha256(params) != checksum:
+        raise ValueError(
+            f"checkpoint {path} is corrupt: its weights do not match the SHA-256 written with them. "
+            "Use another checkpoint of the run (a periodic one, or best.ckpt)"
+        )
+    return params, meta
 
 
 def load_checkpoint(path: str | Path, network: nn.Cell) -> dict[str, Any]:
