@@ -31,7 +31,7 @@ def save_checkpoint(weights: nn.Cell | dict[str, Parameter], path: Path, meta: d
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.ckpt")  # MindSpore insists on the .ckpt suffix
-    named = {p.name: p for p in weights.get_parameters()} if isinstance(weights, nn.Cell) else weights
+    named = named_parameters(weights)
     meta = {**meta, CHECKSUM_KEY: weights_sha256(named)}
     entries = [{"name": name, "data": value} for name, value in named.items()]
     ms.save_checkpoint(entries, str(partial), append_dict={META_KEY: json.dumps(meta)})
@@ -107,9 +107,14 @@ def restore_parameters(targets: dict[str, Parameter], params: dict[str, Paramete
         ops.assign(target, Tensor(value.asnumpy()))  # in place: set_data would detach it from compiled graphs
 
 
+def named_parameters(weights: nn.Cell | dict[str, Parameter]) -> dict[str, Parameter]:
+    """A network's parameters by name; a dict of named parameters as it is."""
+    return {p.name: p for p in weights.get_parameters()} if isinstance(weights, nn.Cell) else weights
+
+
 def weights_sha256(weights: nn.Cell | dict[str, Parameter]) -> str:
     """SHA-256 over every parameter's name, dtype, shape and bytes (in name order): equal iff the weights are."""
-    named = {p.name: p for p in weights.get_parameters()} if isinstance(weights, nn.Cell) else weights
+    named = named_parameters(weights)
     digest = hashlib.sha256()
     for name in sorted(named):
         value = named[name].asnumpy()

@@ -116,8 +116,10 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
     versions: dict[str, str] = {}
     if "timm" in bench.measure:
         spec = {
-            **{k: getattr(bench, k) for k in ("image_size", "batch_size", "num_classes", "threads")},
-            **{k: getattr(bench, k) for k in ("warmup_steps", "steps", "rounds")},
+            **{
+                k: getattr(bench, k)
+                for k in ("image_size", "batch_size", "num_classes", "threads", "warmup_steps", "steps", "rounds")
+            },
             "model": timm_model,
             "seed": int(cfg.seed),
             "device": "cuda" if cfg.hardware.device_target == "GPU" else "cpu",
