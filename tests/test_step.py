@@ -30,6 +30,27 @@ def weights(net):
     return [p.asnumpy().copy() for p in net.trainable_params()]
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_nonfinite_loss_skips_the_update_without_loss_scaling(accumulation):
+    """A NaN input makes the loss NaN: nothing is applied or accumulated, and the next good batch trains normally."""
+    net, step = linear_step(accumulation=accumulation)
+    before = weights(net)
+    bad = ms.Tensor(np.where(np.arange(6) == 2, np.nan, X.asnumpy()).astype(np.float32))
+    for _ in range(accumulation):
+        loss, finite = step(bad, Y)
+        assert np.isnan(loss.asnumpy()) and not bool(finite.asnumpy())
+    for old, new in zip(before, weights(net), strict=True):
+        np.testing.assert_array_equal(old, new)
+    for _ in range(accumulation):
+        loss, finite = step(X, Y)
+        assert bool(finite.asnumpy())
+    reference, reference_step = linear_step(accumulation=accumulation)
+    for _ in range(accumulation):
+        reference_step(X, Y)
+    for ours, theirs in zip(weights(net), weights(reference), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)  # the NaN batch left no trace
+
+
 def test_overflowing_steps_are_skipped_and_reported():
     net, step = linear_step("static", 1e36)
     before = weights(net)

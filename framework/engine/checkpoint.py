@@ -73,6 +73,35 @@ def read_checkpoint(path: str | Path, meta_only: bool = False) -> tuple[dict[str
     return params, meta
 
 
+def is_training_state(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's metadata belongs to a training-state file (resumable), not weights only."""
+    return "global_step" in meta and "rng_state" in meta
+
+
+def latest_training_state(directory: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact training-state checkpoint in ``directory`` (most optimizer steps; ``last.ckpt`` first
+    among equals), and why each newer file was passed over (unreadable, or weights failing their checksum)."""
+    found, problems = [], []
+    for path in Path(directory).glob("*.ckpt"):
+        if path.name.startswith("."):  # an unfinished write
+            continue
+        try:
+            _, meta = read_checkpoint(path, meta_only=True)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if is_training_state(meta):
+            found.append((int(meta["global_step"]), path.name == "last.ckpt", path))
+    for _, _, path in sorted(found, reverse=True):
+        try:
+            read_checkpoint(path)  # reads every tensor, checks the checksum
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        return path, problems
+    return None, problems
+
+
 def load_checkpoint(path: str | Path, network: nn.Cell) -> dict[str, Any]:
     """Load weights from ``path`` into ``network`` (every parameter must match) and return the metadata."""
     params, meta = read_checkpoint(path)

@@ -5,6 +5,10 @@ them and the lr schedule has one value per update. ``last.ckpt`` (every epoch, a
 ``checkpoint_every_n_steps`` updates) holds the whole training state, so ``resume`` continues where
 it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG and data position.
 
+A NaN/Inf loss skips its update; ``max_nonfinite_steps`` of them in a row stop the run (``TrainingDiverged``)
+with the last checkpoint written before them. SIGTERM/SIGINT in a single process end the run after the
+current step, with its state saved (``framework.launch.signals.deferred_stop``).
+
 Data parallel (``World`` of several ranks): each rank trains on its shard of every epoch, gradients are
 averaged in the step, validation is sharded and summed over ranks; only rank 0 logs and writes files.
 """
@@ -29,9 +33,14 @@ from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
 from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
 from framework.launch.distributed import SINGLE_PROCESS, World
+from framework.launch.signals import deferred_stop, stop_requested
 from framework.tracking import MlflowRun
 
 _FLOAT_TYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN/Inf for ``max_nonfinite_steps`` consecutive steps."""
 
 
 @dataclass
@@ -69,6 +78,7 @@ class Trainer:
         accumulation_steps: int = 1,
         ema_decay: float | None = None,
         eval_ema: bool = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         if eval_ema and ema_decay is None:
             raise ValueError("engine.eval_ema=true needs engine.ema_decay (e.g. 0.9998)")
@@ -89,6 +99,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.accumulation_steps = accumulation_steps
         self.ema_decay, self.eval_ema = ema_decay, eval_ema
+        self.max_nonfinite_steps = max_nonfinite_steps
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Micro-batches used per epoch: all full batches (or ``limit_train_batches``), whole accumulations only."""
@@ -141,9 +152,12 @@ class Trainer:
         result, done = FitResult(), 0
         if resume_from is not None:
             done = self._resume(resume_from, state, result)
+            print(f"resumed from {resume_from} at step {done} (epoch {done // steps_per_epoch + 1})")
         step.micro_step = done
-        skipped = 0
-        with _progress() as progress:
+        skipped = nonfinite = 0  # updates skipped by the loss scaler; consecutive steps with a NaN/Inf loss
+        # several ranks must stop at the same step, which a signal to each cannot promise: they stop at once
+        stop_at_step_end = deferred_stop() if world.size == 1 else nullcontext()
+        with _progress() as progress, stop_at_step_end:
             total = self.epochs * steps_per_epoch
             task = progress.add_task("train", total=total, completed=done, loss=float("nan"), lr=0.0, ips=0.0)
             for epoch in range(done // steps_per_epoch + 1, self.epochs + 1):
@@ -174,15 +188,22 @@ class Trainer:
                     ips = images_seen / max(time.perf_counter() - timed_since, 1e-9)
                     progress.update(task, advance=1, loss=loss, lr=lr, ips=ips)
                     self._report(progress, task, epoch, done, total, loss, lr, ips, steps_per_epoch)
-                    if not np.isfinite(loss) and self.loss_scale[0] == "none":
-                        raise FloatingPointError(f"train loss is {loss} at step {done} (epoch {epoch})")
+                    nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
+                    if nonfinite >= self.max_nonfinite_steps:
+                        raise TrainingDiverged(self._diverged_message(loss, nonfinite, done, epoch, result))
                     updates = done // self.accumulation_steps
                     every = self.checkpoint_every_n_steps
-                    periodic = updated and every and updates % every == 0 and done % steps_per_epoch  # not at epoch end
-                    if periodic and world.is_main:
+                    mid_epoch = done % steps_per_epoch != 0  # the epoch's end has its own checkpoint
+                    periodic = updated and every and updates % every == 0 and mid_epoch
+                    stopping = stop_requested() and mid_epoch
+                    if (periodic or stopping) and world.is_main and not nonfinite:  # no state from a bad streak
                         self._save_state(
-                            state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result, f"step_{done:08d}"
-                        )
+                            state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result,
+                            f"step_{done:08d}" if periodic else None,
+                        )  # fmt: skip
+                        _deliver_metrics(run, done)
+                    if stopping:
+                        raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
                 world.average(running_statistics)  # same BatchNorm statistics on every rank, as timm's distribute_bn
                 epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
                 if epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs:
@@ -193,13 +214,30 @@ class Trainer:
                         f"val_top5 {val['top5']:.4f}  train {ips:.1f} img/s"
                     )
                 if run is not None:
-                    run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
-                    run.flush()
+                    run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch, at=done)
                 result.history.append(epoch_metrics)
-                self._checkpoint_epoch(
-                    network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
-                )
+                if not nonfinite:
+                    self._checkpoint_epoch(
+                        network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
+                    )
+                    _deliver_metrics(run, done)
+                if stop_requested():
+                    raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
         return result
+
+    def _diverged_message(self, loss: float, count: int, done: int, epoch: int, result: FitResult) -> str:
+        last_good = result.checkpoints.get("last")
+        return (
+            f"train loss was {loss} for {count} consecutive steps (steps {done - count + 1}-{done}, epoch {epoch}; "
+            f"engine.max_nonfinite_steps={self.max_nonfinite_steps}); their updates were skipped. "
+            f"Last good checkpoint: {last_good or 'none written yet'}. "
+            "Lower scheduler.lr, set engine.clip_grad_norm, or check the data"
+        )
+
+    @staticmethod
+    def _stopped_message(done: int, epoch: int, result: FitResult) -> str:
+        saved = result.checkpoints.get("last")
+        return f"stopped by {stop_requested()} at step {done} (epoch {epoch}); training state saved in {saved}"
 
     def _evaluated_weights(self, ema: EMA | None) -> AbstractContextManager[None]:
         """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
@@ -279,6 +317,16 @@ class Trainer:
         result.history = list(meta.get("history", []))
         result.best = meta.get("best")
         return int(meta["global_step"])
+
+
+def _deliver_metrics(run: MlflowRun | None, done: int) -> None:
+    """A checkpoint of step ``done`` is on disk: what was logged up to it may go to MLflow now.
+
+    Later metrics wait for the next checkpoint, so a job resumed from the newest one logs each step once.
+    """
+    if run is not None:
+        run.checkpointed = done
+        run.flush()
 
 
 def _training_state(

@@ -24,7 +24,7 @@ from framework.launch.hardware import Hardware
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowTracker
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt): ")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_.]*(Error|Exception|Interrupt|Diverged)|[a-z]+ error): ")
 RESULT_FILE = "train_result.json"  # written by rank 0: its MLflow run id, then the fit result
 
 
@@ -147,7 +147,5 @@ def _file_job_into_run(
                     client.log_artifact(run_id, str(checkpoint), "checkpoints")
             ended = RunStatus.KILLED if interrupted else RunStatus.FAILED if returncode else RunStatus.FINISHED
             client.set_terminated(run_id, RunStatus.to_string(ended))
-        if (returncode or interrupted) and (run_dir / "checkpoints" / "last.ckpt").is_file():
-            print(f"continue it with: python run.py <same overrides> resume=runs:/{run_id}", file=sys.stderr)
     except MlflowException as err:
         print(f"could not file the job's logs into MLflow run {run_id}: {err.message}", file=sys.stderr)

@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 from framework.config import ConfigError, build
 from framework.data.folder import bad_image_message
 from framework.engine import FitResult
+from framework.engine.trainer import TrainingDiverged
 from framework.launch.msrun import JobFailed
 from framework.tasks.benchmark import BenchmarkFailed
 from framework.tasks.common import run_tags
 from framework.tasks.export import ExportMismatch, ExportUnsupported
+from framework.tasks.sync import TrackingUnreachable
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
 from framework.tracking.sweep import child_runs
 
@@ -52,12 +54,14 @@ def error_message(err: BaseException) -> tuple[str, str | None]:
     """(kind, one-line message) for the errors a user can fix; message None for anything else."""
     if isinstance(err, ConfigError):
         return "config error", str(err)
-    if isinstance(err, JobFailed):
+    if isinstance(err, (JobFailed, TrainingDiverged)):
         return "training error", str(err)
     if isinstance(err, (ExportMismatch, ExportUnsupported)):
         return "export error", str(err)
     if isinstance(err, BenchmarkFailed):
         return "benchmark error", str(err)
+    if isinstance(err, TrackingUnreachable):
+        return "tracking error", str(err)
     message = bad_image_message(err)
     return "data error", message
 

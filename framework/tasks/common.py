@@ -16,7 +16,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
-from framework.engine.checkpoint import load_checkpoint, read_checkpoint
+from framework.engine.checkpoint import is_training_state, latest_training_state, load_checkpoint, read_checkpoint
 from framework.launch import Hardware
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
@@ -130,22 +130,58 @@ def resolve_checkpoint(
     return path, None
 
 
-def resolve_resume(resume: str | None, tracker: MlflowTracker, download_dir: Path) -> tuple[Path | None, str | None]:
-    """(training-state checkpoint, MLflow run to continue) for ``resume``: a .ckpt file, ``runs:/<run_id>``
-    (its ``checkpoints/last.ckpt``) or ``runs:/<run_id>/<artifact path>``; (None, None) without resume."""
+def resolve_resume(
+    resume: str | None, tracker: MlflowTracker, run_dir: Path, download_dir: Path
+) -> tuple[Path | None, str | None]:
+    """(training-state checkpoint, MLflow run to continue) for ``resume``; (None, None) without one.
+
+    - ``auto``: the newest intact checkpoint in ``run_dir/checkpoints`` (a damaged newer one is passed over
+      with a warning); none there yet means a fresh start, so a requeued job can always say ``resume=auto``;
+    - ``runs:/<run_id>``: the same search in that run's folder when it is on this machine, else its
+      ``checkpoints/last.ckpt`` artifact;
+    - ``runs:/<run_id>/<artifact path>`` or a ``.ckpt`` file: that checkpoint.
+    """
     if not resume:
         return None, None
     resume = str(resume)
-    if resume.startswith("runs:/") and "/" not in resume[len("runs:/") :].strip("/"):
-        resume = resume.rstrip("/") + "/checkpoints/last.ckpt"
-    path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
+    run_id = None
+    if resume == "auto":
+        path = _latest_local_state(run_dir / "checkpoints", resume)
+        if path is None:
+            print(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; training starts from the beginning")
+            return None, None
+    elif resume.startswith("runs:/") and "/" not in resume[len("runs:/") :].strip("/"):
+        run_id = resume[len("runs:/") :].strip("/")
+        local = _local_run_dir(tracker, run_id)
+        path = _latest_local_state(local / "checkpoints", resume) if local else None
+        if path is None:
+            path, _ = resolve_checkpoint(f"{resume.rstrip('/')}/checkpoints/last.ckpt", tracker, download_dir, "resume")
+    else:
+        path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
     try:
-        _, meta = read_checkpoint(path, meta_only=True)  # the trainer loads the state itself
+        _, meta = read_checkpoint(path)  # every tensor against its checksum, before anything is built
     except ValueError as err:
         raise ConfigError(f"resume={resume}: {err}") from err
-    if "global_step" not in meta or "rng_state" not in meta:
+    if not is_training_state(meta):
         raise ConfigError(f"resume={resume}: {path.name} holds weights only; resume from a last.ckpt or periodic one")
     return path, run_id or meta.get("mlflow_run_id")
+
+
+def _latest_local_state(directory: Path, resume: str) -> Path | None:
+    """``latest_training_state`` of ``directory``, warning about each damaged file passed over."""
+    path, problems = latest_training_state(directory)
+    for problem in problems:
+        console.print(f"[yellow]resume={resume}: passed over {problem}", highlight=False)
+    return path
+
+
+def _local_run_dir(tracker: MlflowTracker, run_id: str) -> Path | None:
+    """The run's folder (tag ``run_dir``) if it exists on this machine."""
+    try:
+        folder = tracker.client().get_run(run_id).data.tags.get("run_dir")
+    except MlflowException:
+        return None
+    return Path(folder) if folder and Path(folder).is_dir() else None
 
 
 def print_summary(title: str, rows: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ runs this same task on its data shard; rank 0 alone opens the MLflow run and wri
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, build, overrides
 from framework.engine import FitResult
-from framework.engine.checkpoint import weights_sha256
+from framework.engine.checkpoint import read_checkpoint, weights_sha256
+from framework.engine.trainer import TrainingDiverged
+from framework.launch import Hardware
 from framework.launch.distributed import World, is_msrun_process
-from framework.launch.msrun import RESULT_FILE, relaunch
+from framework.launch.msrun import RESULT_FILE, JobFailed, relaunch
 from framework.launch.signals import stop_signals_interrupt
 from framework.optim.schedules import plot_schedule
 from framework.tasks.common import (
@@ -33,9 +36,28 @@ from framework.tasks.common import (
 
 
 def train(cfg: DictConfig) -> FitResult:
-    """Train ``cfg.model`` on ``cfg.dataset``; every object is built before the MLflow run opens."""
+    """Train ``cfg.model`` on ``cfg.dataset``; every object is built before the MLflow run opens.
+
+    A job that stops early (signal, diverged loss, failed worker) with a checkpoint written says how to
+    continue it.
+    """
     hardware = prepare(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    try:
+        return _train(cfg, hardware, run_dir)
+    except (KeyboardInterrupt, TrainingDiverged, JobFailed):
+        if not is_msrun_process() and (run_dir / "checkpoints" / "last.ckpt").is_file():
+            print(f"continue it with: {resume_command(run_dir)}", file=sys.stderr)
+        raise
+
+
+def resume_command(run_dir: Path) -> str:
+    """This job's command line, continuing from the newest intact checkpoint in ``run_dir``."""
+    kept = [o for o in overrides() if not o.startswith(("resume=", "hydra.run.dir=", "paths.run_dir="))]
+    return " ".join(["python run.py", *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
+
+
+def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     if hardware.distributed and not is_msrun_process():
         record = relaunch(hardware, overrides(), run_dir, build(cfg, "tracking"))  # rank 0's, on node 0
         checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
@@ -60,10 +82,19 @@ def train(cfg: DictConfig) -> FitResult:
     optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_update))
     tracker = build(cfg, "tracking")
     checkpoint_dir = run_dir / "checkpoints"
-    resume_from, resume_run_id = resolve_resume(cfg.get("resume"), tracker, run_dir / "resume" / f"rank_{world.rank}")
+    resume_from, resume_run_id = resolve_resume(
+        cfg.get("resume"), tracker, run_dir, run_dir / "resume" / f"rank_{world.rank}"
+    )
 
     # Rank 0 alone tracks the job; the other ranks train and evaluate without a run.
-    tracking = tracker.start_run(run_tags(cfg, "train"), run_id=resume_run_id) if world.is_main else nullcontext()
+    # the spool keeps the run's records in the run dir while the tracking server does not answer
+    tags, spool_dir = {**run_tags(cfg, "train"), "run_dir": str(run_dir)}, run_dir / "tracking"
+    resume_position = resume_step(resume_from) if resume_from is not None else 0 if cfg.get("resume") else None
+    tracking = (
+        tracker.start_run(tags, resume_run_id, spool_dir=spool_dir, resume_position=resume_position)
+        if world.is_main
+        else nullcontext()
+    )
     with stop_signals_interrupt(), tracking as run:
         if run is not None:
             _write_result(run_dir, {"mlflow_run_id": run.run_id})
@@ -129,20 +160,27 @@ def train(cfg: DictConfig) -> FitResult:
             "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
         },
     )
+    best = f"runs:/{run.run_id}/checkpoints/best.ckpt" if run.run_id else str(result.checkpoints.get("best"))
     print_summary(
         "training finished",
         {
-            "mlflow run": f"{run.run_name} ({run.run_id}) in experiment '{tracker.experiment_name}'",
+            "mlflow run": f"{run.run_name} ({run.run_id or 'not created: the server did not answer'}) "
+            f"in experiment '{tracker.experiment_name}'",
             "best": format_metrics(result.best),
             "last": format_metrics(result.last),
-            "best checkpoint": f"{result.checkpoints.get('best')}  = runs:/{run.run_id}/checkpoints/best.ckpt",
+            "best checkpoint": f"{result.checkpoints.get('best')}  = {best}",
             "last checkpoint": str(result.checkpoints.get("last")),
             "weights sha256": checksum,
-            "evaluate": f"python run.py task=eval ckpt=runs:/{run.run_id}/checkpoints/best.ckpt",
+            "evaluate": f"python run.py task=eval ckpt={best}",
             "mlflow ui": tracker.ui_command(),
         },
     )
     return result
+
+
+def resume_step(checkpoint: Path) -> int:
+    """The optimizer micro-step a training-state checkpoint was written at."""
+    return int(read_checkpoint(checkpoint, meta_only=True)[1]["global_step"])
 
 
 def _record_weights(network: ms.nn.Cell, run_dir: Path, world: World) -> str:

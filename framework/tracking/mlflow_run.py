@@ -1,22 +1,31 @@
 """MLflow tracking (``tracking/`` configs): one run per job, params, metrics, artifacts and final status.
 
+Every record goes through a ``Spool``; a training job keeps its spool in ``<run dir>/tracking/``, so a
+tracking server that is down at the start or goes away mid-run never stops training: the records are sent
+when it answers again (at the next checkpoint, at the end, or with ``python run.py task=sync run_dir=...``).
+
 With neither ``tracking.uri`` nor ``MLFLOW_TRACKING_URI`` set, runs go to a local SQLite store
 (the backend MLflow 3.x recommends) under the project's ``outputs/mlflow``, with artifacts beside it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
+
+from framework.tracking.spool import Spool
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _METRIC_BATCH = 1000  # and at most 1000 metrics
@@ -48,7 +57,7 @@ class MlflowTracker:
             return f"open {self.uri} in a browser"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000   # then open http://127.0.0.1:5000"
 
-    def _experiment_id(self, client: MlflowClient) -> str:
+    def experiment_id(self, client: MlflowClient) -> str:
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
             return experiment.experiment_id
@@ -58,10 +67,39 @@ class MlflowTracker:
         except MlflowException:  # created concurrently by another process
             return client.get_experiment_by_name(self.experiment_name).experiment_id
 
-    def open_run(self, tags: Mapping[str, str], run_id: str | None = None, run_name: str | None = None) -> MlflowRun:
+    def open_run(
+        self,
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+        run_name: str | None = None,
+        spool_dir: Path | None = None,
+        resume_position: int | None = None,
+    ) -> MlflowRun:
         """Create a RUNNING run (or reopen ``run_id``). Inside a sweep (``PARENT_RUN_ENV`` set by
-        ``framework.tracking.sweep``) a new run is the sweep parent's child and records its trial number."""
-        client = self.client()
+        ``framework.tracking.sweep``) a new run is the sweep parent's child and records its trial number.
+
+        With ``spool_dir`` (training) the records wait there until the server takes them, and an unreachable
+        server does not stop the job (the run is created when it answers). A job continued in the same folder
+        (``resume_position``: the training step it restarts from) continues the spool's run; metrics logged
+        after that step by the earlier process are dropped, as the job logs them again.
+        """
+        spool = Spool(spool_dir)
+        if spool.exists:
+            known = spool.state.get("run_id")
+            if resume_position is not None and run_id in (None, known):
+                spool.discard_metrics_after(resume_position)
+                spool.append({"kind": "status", "status": RunStatus.to_string(RunStatus.RUNNING)})
+                run = MlflowRun(self, spool, checkpointed=resume_position, verify=True)
+                run.flush()
+                return run
+            if spool.pending():
+                raise ValueError(
+                    f"{spool_dir} holds tracking records of an earlier job (MLflow run {known or 'not created yet'}) "
+                    f"that did not reach {spool.state.get('uri')}. Deliver them (python run.py task=sync "
+                    f"run_dir={spool_dir.parent}), continue that job (resume=auto), or choose another hydra.run.dir"
+                )
+            spool = Spool.fresh(spool_dir)
+        spool.set_state(uri=self.uri, experiment=self.experiment_name)
         if run_id is None:
             tags = dict(tags)
             run_name = run_name or self.run_name
@@ -69,22 +107,26 @@ class MlflowTracker:
                 tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
                 tags["sweep_trial"] = os.environ.get(TRIAL_ENV, "")
                 run_name = f"{run_name}-trial{tags['sweep_trial']}"
-            info = client.create_run(self._experiment_id(client), run_name=run_name, tags=tags).info
+            spool.set_state(spool_id=uuid.uuid4().hex, run_name=run_name)
+            spool.append({"kind": "create", "run_name": run_name, "tags": tags})
         else:
-            try:
-                info = client.get_run(run_id).info
-            except MlflowException as err:
-                raise ValueError(f"cannot continue MLflow run {run_id} at {self.uri}: {err.message}") from err
-            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return MlflowRun(client, info.run_id, info.run_name)
+            spool.set_state(run_id=run_id)
+            spool.append({"kind": "status", "status": RunStatus.to_string(RunStatus.RUNNING)})
+        run = MlflowRun(self, spool, checkpointed=resume_position)
+        run.flush()
+        return run
 
     @contextmanager
     def start_run(
-        self, tags: Mapping[str, str], run_id: str | None = None, run_name: str | None = None
+        self,
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+        run_name: str | None = None,
+        spool_dir: Path | None = None,
+        resume_position: int | None = None,
     ) -> Iterator[MlflowRun]:
         """``open_run`` for the block; the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
-        run = self.open_run(tags, run_id, run_name)
-        client = run.client
+        run = self.open_run(tags, run_id, run_name, spool_dir, resume_position)
         status = RunStatus.FINISHED
         try:
             yield run
@@ -95,41 +137,209 @@ class MlflowTracker:
             status = RunStatus.FAILED
             raise
         finally:
-            run.flush()
-            client.set_terminated(run.run_id, RunStatus.to_string(status))
+            run.end(status)
 
 
 class MlflowRun:
-    """Logging into one MLflow run; metrics are buffered and sent in batches by ``flush``."""
+    """Logging into one MLflow run through a ``Spool``: records are sent in order, in batches, by ``flush``.
 
-    def __init__(self, client: MlflowClient, run_id: str, run_name: str):
-        self.client, self.run_id, self.run_name = client, run_id, run_name
-        self._metrics: list[Metric] = []
+    ``checkpointed`` (set by the training loop) is the training step of the newest checkpoint: metrics logged
+    after it wait for the next one, so a job resumed from that checkpoint neither loses nor repeats a step.
+    """
+
+    def __init__(self, tracker: MlflowTracker, spool: Spool, checkpointed: int | None = None, verify: bool = False):
+        self.tracker, self.spool, self.checkpointed = tracker, spool, checkpointed
+        self.client = (
+            tracker.client() if spool.state.get("uri", tracker.uri) == tracker.uri else MlflowClient(spool.state["uri"])
+        )
+        self._verify = verify  # an earlier attempt may have reached the server: check before re-sending
+        self._unreachable_since: float | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None while the server has not been reached to create the run."""
+        return self.spool.state.get("run_id")
+
+    @property
+    def run_name(self) -> str:
+        return str(self.spool.state.get("run_name", ""))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in params.items()]
-        for i in range(0, len(items), _PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _PARAM_BATCH])
+        self.spool.append({"kind": "params", "items": {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, at: int | None = None) -> None:
+        """Metrics at MLflow ``step``; ``at`` is the training step that produced them (default ``step``)."""
         timestamp = int(time.time() * 1000)
-        self._metrics.extend(Metric(k, float(v), timestamp, step) for k, v in metrics.items())
-
-    def flush(self) -> None:
-        while self._metrics:
-            batch, self._metrics = self._metrics[:_METRIC_BATCH], self._metrics[_METRIC_BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        items = [[k, float(v), timestamp, step] for k, v in metrics.items()]
+        self.spool.append({"kind": "metrics", "at": step if at is None else at, "items": items})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        self.spool.append({"kind": "tags", "items": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """A matplotlib figure as an image artifact."""
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        self.spool.append({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.spool.append({"kind": "text", "text": text, "artifact_file": artifact_file})
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (saved as a file first when the records are kept on disk)."""
+        if self.spool.folder is None:
+            self.spool.append({"kind": "figure", "figure": figure, "artifact_file": artifact_file})
+            return
+        path = self.spool.folder / "artifacts" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        self.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def end(self, status: RunStatus) -> None:
+        """Record the final status and deliver what can be (all of it unless KILLED: metrics after the last
+        checkpoint then wait, to be dropped by a resumed job or sent by ``task=sync``)."""
+        name = RunStatus.to_string(status)
+        self.spool.append({"kind": "status", "status": name})
+        delivered = self.flush(everything=status != RunStatus.KILLED)
+        if delivered and self.spool.pending():  # held metrics before it: the status itself goes now too
+            try:
+                self.client.set_terminated(self.run_id, name)
+            except MlflowException:
+                delivered = False
+        if not delivered:
+            print(
+                f"MLflow at {self.client.tracking_uri} did not take this run's last records; "
+                f"{len(self.spool.pending())} wait in {self.spool.folder}. Deliver them with: "
+                f"python run.py task=sync run_dir={self.spool.folder.parent}",
+                file=sys.stderr,
+            )
+
+    def flush(self, everything: bool = False) -> bool:
+        """Send the pending records in order; False when the server did not answer (they stay spooled).
+
+        Without a spool folder a failure raises, as there is nowhere to keep the records.
+        """
+        self.spool.sync()
+        try:
+            with _fail_fast() if self.spool.folder is not None else nullcontext():
+                self._deliver(everything)
+        except Exception as err:
+            if self.spool.folder is None or _is_rejection(err):
+                raise
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
+                reason = str(err).splitlines()[0][:200]
+                print(
+                    f"warning: MLflow at {self.client.tracking_uri} does not answer ({reason}); "
+                    f"the job goes on and its tracking records wait in {self.spool.folder} until it does",
+                    file=sys.stderr,
+                )
+            self._verify = True
+            return False
+        if self._unreachable_since is not None:
+            print(f"MLflow at {self.client.tracking_uri} answers again; the waiting records were delivered")
+            self._unreachable_since = None
+        return True
+
+    def _deliver(self, everything: bool) -> None:
+        while self.spool.pending():
+            pending = self.spool.pending()
+            if not everything and self._held(pending[0]):
+                return
+            kind = pending[0]["kind"]
+            if kind == "metrics":
+                batch = list(
+                    itertools.takewhile(lambda r: r["kind"] == "metrics" and (everything or not self._held(r)), pending)
+                )
+                count = self._send_metrics(batch)
+            else:
+                self._send(pending[0])
+                count = 1
+            self.spool.mark_delivered(count)
+            self._verify = False
+
+    def _held(self, record: dict[str, Any]) -> bool:
+        return record["kind"] == "metrics" and self.checkpointed is not None and record["at"] > self.checkpointed
+
+    def _send_metrics(self, records: list[dict[str, Any]]) -> int:
+        """Send up to ``_METRIC_BATCH`` metrics from whole records; returns how many records went."""
+        count, items = 0, []
+        for record in records:
+            if items and len(items) + len(record["items"]) > _METRIC_BATCH:
+                break
+            items += record["items"]
+            count += 1
+        if self._verify:  # leave out what an interrupted earlier attempt already delivered
+            keys = {item[0] for item in items}
+            known = {
+                (m.key, m.step, m.timestamp) for key in keys for m in self.client.get_metric_history(self.run_id, key)
+            }
+            items = [item for item in items if (item[0], item[3], item[2]) not in known]
+        for i in range(0, len(items), _METRIC_BATCH):
+            metrics = [Metric(k, v, t, s) for k, v, t, s in items[i : i + _METRIC_BATCH]]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        return count
+
+    def _send(self, record: dict[str, Any]) -> None:
+        kind, client, run_id = record["kind"], self.client, self.run_id
+        if kind == "create":
+            self.spool.set_state(run_id=self._create_run(record))
+        elif kind == "status":
+            if record["status"] == RunStatus.to_string(RunStatus.RUNNING):
+                try:
+                    info = client.get_run(run_id).info
+                except MlflowException as err:
+                    raise ValueError(
+                        f"cannot continue MLflow run {run_id} at {client.tracking_uri}: {err.message}"
+                    ) from err
+                self.spool.set_state(run_name=info.run_name)
+                client.update_run(run_id, status=record["status"])
+            else:
+                client.set_terminated(run_id, record["status"])
+        elif kind == "params":
+            params = [Param(k, v) for k, v in record["items"].items()]
+            for i in range(0, len(params), _PARAM_BATCH):
+                client.log_batch(run_id, params=params[i : i + _PARAM_BATCH])
+        elif kind == "tags":
+            for key, value in record["items"].items():
+                client.set_tag(run_id, key, value)
+        elif kind == "text":
+            client.log_text(run_id, record["text"], record["artifact_file"])
+        elif kind == "figure":
+            client.log_figure(run_id, record["figure"], record["artifact_file"])
+        elif kind == "artifact":
+            if Path(record["path"]).is_file():
+                client.log_artifact(run_id, record["path"], record["artifact_path"])
+            else:
+                print(f"warning: {record['path']} is gone; not logged to MLflow run {run_id}", file=sys.stderr)
+
+    def _create_run(self, record: dict[str, Any]) -> str:
+        """Create the run, or find the one an interrupted earlier attempt created (by the spool's id)."""
+        spool_id = self.spool.state.get("spool_id")
+        experiment_id = self.tracker.experiment_id(self.client)
+        if self._verify:
+            found = self.client.search_runs([experiment_id], f"tags.spool_id = '{spool_id}'")
+            if found:
+                return found[0].info.run_id
+        tags = {**record["tags"], "spool_id": spool_id} if self.spool.folder is not None else record["tags"]
+        return self.client.create_run(experiment_id, run_name=record["run_name"], tags=tags).info.run_id
+
+
+def _is_rejection(err: Exception) -> bool:
+    """The server answered and refused the request (a bad value): re-sending cannot help."""
+    return isinstance(err, (RestException, ValueError)) and (
+        not isinstance(err, RestException) or 400 <= err.get_http_status_code() < 500
+    )
+
+
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow's client retries a dead server for minutes by default; the spool retries at the next flush."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,268 @@
+"""Faults a long training job meets: a diverging loss, stop signals, kill -9 at random points, damaged checkpoints.
+
+Each job here is a real ``python run.py`` process (or the train task in-process) on digits at 16 px.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from framework.config import build
+from framework.engine.checkpoint import read_checkpoint
+from framework.engine.trainer import TrainingDiverged
+from framework.launch.msrun import free_port
+from framework.paths import PROJECT_ROOT
+from framework.tasks.common import resolve_resume
+from framework.tasks.train import train
+from tests.conftest import FAST, all_runs, compose_config, mlflow_client
+
+# 3 epochs of 6 steps, training state every 2 steps (and at each epoch's end)
+JOB = ["dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=6", "engine.checkpoint_every_n_steps=2"]
+STEPS, INTERVAL = 18, 2
+STEP_LINE = re.compile(r"^epoch \d+/\d+ step (\d+)/\d+ ")
+
+
+def start_job(store: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    command = [sys.executable, "run.py", *JOB, f"hydra.run.dir={run_dir}", f"tracking.local_store={store}", *overrides]
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+
+
+def wait_for_step(job: subprocess.Popen, step: int) -> list[str]:
+    """Read the job's output until it reports ``step`` done; returns the lines read."""
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        match = STEP_LINE.match(line)
+        if match and int(match.group(1)) >= step:
+            return lines
+    job.wait()
+    raise AssertionError(f"job ended (status {job.returncode}) before step {step}: {job.stderr.read()[-3000:]}")
+
+
+def last_step(lines: list[str]) -> int:
+    steps = [int(m.group(1)) for m in map(STEP_LINE.match, lines) if m]
+    return max(steps, default=0)
+
+
+def resumed_step(output: str) -> int:
+    """The step a ``resume=auto`` job went on from (0: it found no checkpoint and started over)."""
+    match = re.search(r"resumed from \S+ at step (\d+)", output)
+    return int(match.group(1)) if match else 0
+
+
+def finished_run(store: Path):
+    (run,) = all_runs(mlflow_client(store.parent))
+    assert run.info.status == "FINISHED", run.info.status
+    return run
+
+
+def loss_curve(store: Path, run) -> list[tuple[int, float]]:
+    history = mlflow_client(store.parent).get_metric_history(run.info.run_id, "train_loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """The job run once without faults: its final weights, val metrics and per-step loss."""
+    root = tmp_path_factory.mktemp("straight")
+    job = start_job(root / "mlflow", root / "run")
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    run = finished_run(root / "mlflow")
+    curve = loss_curve(root / "mlflow", run)
+    assert [step for step, _ in curve] == list(range(1, STEPS + 1))
+    return {"weights": run.data.tags["weights_sha256"], "val_top1": run.data.metrics["val_top1"], "curve": curve}
+
+
+def assert_same_as_straight(store: Path, straight: dict) -> None:
+    run = finished_run(store)
+    assert run.data.tags["weights_sha256"] == straight["weights"]
+    assert run.data.metrics["val_top1"] == straight["val_top1"]
+    assert loss_curve(store, run) == straight["curve"]  # every step logged once, with the same loss
+
+
+def test_sigterm_saves_the_state_marks_killed_and_resume_auto_matches_a_straight_run(tmp_path, straight):
+    store, run_dir = tmp_path / "mlflow", tmp_path / "run"
+    job = start_job(store, run_dir)
+    wait_for_step(job, 9)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 130, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch 2\); training state saved in (\S+\.ckpt)", err)
+    assert stopped, err[-3000:]
+    _, meta = read_checkpoint(stopped.group(2), meta_only=True)
+    assert meta["global_step"] == int(stopped.group(1))  # nothing done is lost
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "KILLED"
+    command = re.search(r"continue it with: (python run\.py .*)", err).group(1)
+    assert f"resume=auto hydra.run.dir={run_dir}" in command
+
+    resumed = subprocess.run(
+        [sys.executable, *shlex.split(command)[1:]], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped.group(1)}" in resumed.stdout
+    assert_same_as_straight(store, straight)
+
+
+def test_kill9_at_random_points_then_resume_auto_ends_as_a_straight_run(tmp_path, straight):
+    """Three kill -9s at random steps (and random moments within them): each restart with ``resume=auto`` goes on
+    from the newest checkpoint, losing at most one checkpoint interval; the end is bit-identical."""
+    store, run_dir = tmp_path / "mlflow", tmp_path / "run"
+    rng = random.Random()
+    targets = sorted(rng.sample(range(2, STEPS - 1), 3))
+    done = 0
+    for target in targets:
+        job = start_job(store, run_dir, "resume=auto")
+        lines = wait_for_step(job, max(target, done + 1))
+        assert done - INTERVAL <= resumed_step("".join(lines)) <= done + 1  # at most one interval lost
+        time.sleep(rng.uniform(0.0, 0.3))
+        job.kill()  # SIGKILL: no handler, no cleanup
+        lines += job.stdout.readlines()
+        job.wait()
+        done = last_step(lines)
+    job = start_job(store, run_dir, "resume=auto")
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    assert done - INTERVAL <= resumed_step(out)
+    assert_same_as_straight(store, straight)
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    """resume=auto warns about a corrupt last.ckpt and continues from the newest intact periodic checkpoint."""
+    overrides = [*FAST, "engine.epochs=1", "engine.limit_train_batches=6", "engine.checkpoint_every_n_steps=2"]
+    cfg = compose_config(overrides, tmp_path)
+    train(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:-50_000])
+    path, run_id = resolve_resume("auto", build(cfg, "tracking"), tmp_path / "run", tmp_path / "download")
+    assert path == checkpoints / "step_00000004.ckpt"
+    assert run_id == all_runs(mlflow_client(tmp_path))[0].info.run_id
+    assert "passed over cannot read checkpoint" in capsys.readouterr().out
+
+
+def test_nonfinite_loss_stops_the_run_with_the_last_good_checkpoint(tmp_path):
+    """The lr jumps ×1e37 after epoch 1: the loss turns NaN/Inf, those updates are skipped, and after
+    ``max_nonfinite_steps`` of them the run is FAILED with last.ckpt still the finite epoch-1 state."""
+    overrides = [*FAST, "engine.epochs=3", "engine.limit_train_batches=4", "engine.max_nonfinite_steps=3"]
+    overrides += ["scheduler=multistep", "scheduler.milestones=[1]", "scheduler.gamma=1e37"]
+    pattern = (
+        r"train loss was (nan|inf) for 3 consecutive steps \(steps \d+-\d+, epoch 2; engine.max_nonfinite_steps=3\); "
+        r"their updates were skipped. Last good checkpoint: \S+last.ckpt"
+    )
+    with pytest.raises(TrainingDiverged, match=pattern):
+        train(compose_config(overrides, tmp_path))
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FAILED"
+    params, meta = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert meta["global_step"] == 4  # the end of epoch 1, before the streak
+    assert all(np.isfinite(p.asnumpy()).all() for p in params.values())
+    losses = [m.value for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train_loss")]
+    assert sum(not np.isfinite(v) for v in losses) == 3  # the bad steps are on record
+
+
+@pytest.fixture(scope="module")
+def server_python(tmp_path_factory) -> str:
+    """A Python that runs ``mlflow server``: this environment plus SQLAlchemy 2, which the server of MLflow 3.17
+    imports (the project keeps SQLAlchemy 1.4 for the Optuna sweeper's study storage)."""
+    venv = tmp_path_factory.mktemp("server-env")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "sqlalchemy>=2,<3"], check=True, capture_output=True)
+    return python
+
+
+class TrackingServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store, which the test stops and starts again."""
+
+    def __init__(self, python: str, folder: Path) -> None:
+        self.python, self.folder, self.port = python, folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [self.python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/db.sqlite"]
+        command += ["--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--workers", "1"]
+        log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server writes it while it runs)
+        self.process = subprocess.Popen(command, cwd=self.folder, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def test_tracking_server_down_mid_run_and_at_start_loses_and_repeats_no_metric(tmp_path, server_python):
+    """Job A loses its server after step 3 and ends without it (``task=sync`` delivers the rest); job B starts with
+    the server down and finds it back during training. Both runs end FINISHED with every step logged exactly once."""
+    (tmp_path / "server").mkdir()
+    server = TrackingServer(server_python, tmp_path / "server")
+    server.start()
+    tracked = f"tracking.uri={server.uri}"
+    try:
+        job_a = start_job(tmp_path / "unused", tmp_path / "a", tracked)
+        wait_for_step(job_a, 3)
+        job_a.send_signal(signal.SIGSTOP)  # the server goes away between two steps
+        server.stop()
+        job_a.send_signal(signal.SIGCONT)
+        _, err_a = job_a.communicate(timeout=600)
+        assert job_a.returncode == 0, err_a[-3000:]
+        assert f"MLflow at {server.uri} does not answer" in err_a
+        assert f"python run.py task=sync run_dir={tmp_path / 'a'}" in err_a
+
+        job_b = start_job(tmp_path / "unused", tmp_path / "b", tracked)
+        wait_for_step(job_b, 3)
+        job_b.send_signal(signal.SIGSTOP)
+        server.start()  # back while job B trains
+        job_b.send_signal(signal.SIGCONT)
+        out_b, err_b = job_b.communicate(timeout=600)
+        assert job_b.returncode == 0, err_b[-3000:]
+        assert f"MLflow at {server.uri} answers again" in out_b
+
+        sync = subprocess.run(
+            [sys.executable, "run.py", "task=sync", f"run_dir={tmp_path / 'a'}"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert sync.returncode == 0, sync.stderr[-3000:]
+
+        client = MlflowClient(server.uri)
+        for job in ("a", "b"):
+            run_id = json.loads((tmp_path / job / "tracking" / "state.json").read_text())["run_id"]
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+            assert steps == list(range(1, STEPS + 1))
+            assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1")) == [1, 2, 3]
+            assert run.data.params["engine.checkpoint_every_n_steps"] == "2"
+            artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+            assert artifacts == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+            assert {"lr_schedule.png", "config", "data"} <= {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        if server.process.poll() is None:
+            server.stop()
