@@ -1,10 +1,18 @@
-"""Checks on the composed run spec, made before any work starts, and helpers to read it."""
+"""Checks on the composed run spec, made before any work starts, and helpers to read it.
+
+The schema of each config group is the signature of its ``_target_``: every key must be a parameter,
+every value must have the parameter's annotated type (``int``, ``float``, ``bool``, ``str``, ``Literal``,
+lists, ``| None``), and the ranges below must hold. Only targets under ``framework.`` and ``mindspore.``,
+and those listed in ``allowed_targets``, are imported at all: a config cannot run ``os.system``.
+"""
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -15,16 +23,29 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 _VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 
-# Values that must be strictly positive wherever the composed config has them.
-POSITIVE_KEYS = (
-    "dataset.batch_size",
-    "dataset.eval_batch_size",
-    "dataset.image_size",
-    "scheduler.lr",
-    "engine.epochs",
-    "engine.eval_every_n_epochs",
-    "engine.keep_checkpoint_max",
-)
+ALLOWED_TARGET_PREFIXES = ("framework.", "mindspore.")
+
+# Ranges of values wherever the composed config has them: (lowest, highest, lowest allowed itself).
+_POSITIVE, _NON_NEGATIVE, _FRACTION = (0, None, False), (0, None, True), (0, 1, True)
+RANGES = {
+    "dataset.batch_size": _POSITIVE,
+    "dataset.eval_batch_size": _POSITIVE,
+    "dataset.image_size": _POSITIVE,
+    "scheduler.lr": _POSITIVE,
+    "scheduler.warmup_epochs": _NON_NEGATIVE,
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.momentum": _FRACTION,
+    "loss.label_smoothing": _FRACTION,
+    "engine.epochs": _POSITIVE,
+    "engine.eval_every_n_epochs": _POSITIVE,
+    "engine.keep_checkpoint_max": _POSITIVE,
+    "engine.checkpoint_every_n_epochs": _NON_NEGATIVE,
+    "engine.checkpoint_every_n_steps": _NON_NEGATIVE,
+    "engine.accumulation_steps": _POSITIVE,
+    "engine.max_nonfinite_steps": _POSITIVE,
+}
+# Keys of config.yaml itself; any other top-level key added with +key=... has no reader.
+TOP_LEVEL_KEYS = ("seed", "ckpt", "resume", "run_dir", "allowed_targets")
 
 
 class ConfigError(ValueError):
@@ -32,23 +53,54 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail fast on required values left unset, unknown keys under a ``_target_`` and non-positive sizes/lrs/epochs."""
+    """Fail fast on required values left unset, targets outside the allowlist, keys a target does not take,
+    values of the wrong type or out of range, and top-level keys nothing reads."""
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
     if missing:
         raise ConfigError(
             f"{', '.join(missing)}: required but not set (??? in conf/{missing[0].split('.')[0]}/). "
             f"Fix: add {missing[0]}=<value> to the command line"
         )
+    for override in overrides():
+        key = override.lstrip("+~").split("=", 1)[0]
+        if override.startswith("+") and "." not in key and key not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                f"unknown top-level key '{key}' ({override}): nothing reads it. Top-level keys: "
+                f"{', '.join(TOP_LEVEL_KEYS)}; settings belong to a group (e.g. engine.epochs=3)"
+            )
+    _check_type("seed", cfg.get("seed"), int, "config.yaml")
+    for key in ("ckpt", "resume", "run_dir"):
+        _check_type(key, cfg.get(key), typing.Optional[str], "config.yaml")
+    allowed = allowed_targets(cfg)
     for path, node in _target_nodes(cfg):
-        _check_keys(path, node)
-    for key in POSITIVE_KEYS:
+        _check_keys(path, node, allowed)
+    for key, (low, high, low_included) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}. Fix: {key}=<positive number>")
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}. Fix: {key}=<positive number>")
+            raise ConfigError(f"{key} must be a number, got {value!r}. Fix: {key}=<number>")
+        if value < low or (value == low and not low_included) or (high is not None and value >= high):
+            expected = f"in [{low}, {high})" if high is not None else f">= {low}" if low_included else f"> {low}"
+            raise ConfigError(f"{key} must be {expected}, got {value}. Fix: {key}=<number {expected}>")
+
+
+def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
+    """Target names (or module prefixes ending in '.') that may be instantiated: ours, MindSpore's, the listed."""
+    extra = cfg.get("allowed_targets") or []
+    if not isinstance(extra, (list, ListConfig)) or not all(isinstance(name, str) for name in extra):
+        raise ConfigError(f"allowed_targets must be a list of names, got {extra!r}. Fix: allowed_targets=[pkg.Class]")
+    return (*ALLOWED_TARGET_PREFIXES, *extra)
+
+
+def check_target(path: str, target: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse a ``_target_`` outside the allowlist, before anything is imported."""
+    name = str(target)
+    if not any(name == entry or (entry.endswith(".") and name.startswith(entry)) for entry in allowed):
+        raise ConfigError(
+            f"{path}._target_={name!r} is not allowed: only framework.*, mindspore.* and the names in "
+            f"allowed_targets are instantiated. If you trust it, add allowed_targets=[{name}]"
+        )
 
 
 def build(cfg: DictConfig, group: str, **runtime_args: Any) -> Any:
@@ -56,6 +108,9 @@ def build(cfg: DictConfig, group: str, **runtime_args: Any) -> Any:
 
     A failure inside the target (a bad value or key) becomes a ConfigError naming the group.
     """
+    allowed = allowed_targets(cfg)
+    for path, node in _target_nodes(cfg[group], group):
+        check_target(path, node._target_, allowed)
     try:
         return instantiate(cfg[group], **runtime_args)
     except InstantiationException as err:
@@ -76,8 +131,9 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
             yield from _target_nodes(item, f"{path}[{i}]")
 
 
-def _check_keys(path: str, node: DictConfig) -> None:
+def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> None:
     target = node._target_
+    check_target(path, target, allowed)
     try:
         obj = get_object(target)
     except Exception as err:
@@ -85,8 +141,15 @@ def _check_keys(path: str, node: DictConfig) -> None:
     accepted = _accepted_keys(obj)
     if accepted is None:
         return
+    hints = _type_hints(obj)
     for key in node:
-        if key in _HYDRA_KEYS or key in accepted:
+        if key in _HYDRA_KEYS:
+            continue
+        if key in accepted:
+            child = node._get_node(key)
+            if key in hints and not (isinstance(child, DictConfig) and "_target_" in child):
+                annotation = inspect.formatannotation(hints[key])
+                _check_type(f"{path}.{key}", node[key], hints[key], f"{target} takes {key}: {annotation}")
             continue
         close = difflib.get_close_matches(str(key), accepted, n=1)
         hint = f"Did you mean '{path}.{close[0]}'? " if close else ""
@@ -94,6 +157,68 @@ def _check_keys(path: str, node: DictConfig) -> None:
             f"unknown key '{path}.{key}': {target} takes {', '.join(accepted)}. {hint}"
             f"Fix the override or remove the key from conf/{path.split('.')[0]}/."
         )
+
+
+def _type_hints(obj: Any) -> dict[str, Any]:
+    """Annotated parameter types of ``obj`` (a class's ``__init__`` and its bases'); empty when unreadable."""
+    hints: dict[str, Any] = {}
+    for owner in reversed(inspect.getmro(obj)) if inspect.isclass(obj) else (obj,):
+        function = owner.__init__ if inspect.isclass(owner) else owner
+        try:
+            hints.update(typing.get_type_hints(function))
+        except Exception:  # annotations naming what cannot be imported here: no type check for them
+            continue
+    hints.pop("return", None)
+    return hints
+
+
+def _check_type(key: str, value: Any, expected: Any, where: str) -> None:
+    if not _matches(value, expected):
+        raise ConfigError(
+            f"{key}={value!r} has the wrong type: expected {_type_name(expected)} ({where}). "
+            f"Fix: {key}=<{_type_name(expected)}>"
+        )
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Whether a config value fits an annotation; annotations it cannot judge (classes, Any) accept anything."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence) or expected in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        item_types = {arg for arg in args if arg is not Ellipsis}
+        return len(item_types) != 1 or all(_matches(item, next(iter(item_types))) for item in value)
+    if origin in (dict, Mapping) or expected in (dict, Mapping):
+        return isinstance(value, (dict, DictConfig))
+    return True
+
+
+def _type_name(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(arg) for arg in args)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if expected in names:
+        return names[expected]
+    if origin in (list, tuple, Sequence):
+        return "a list" + (f" of {_type_name(args[0])}" if args else "")
+    return getattr(expected, "__name__", str(expected))
 
 
 def _accepted_keys(obj: Any) -> list[str] | None:

@@ -28,6 +28,7 @@ from framework.launch.msrun import free_port
 from framework.paths import PROJECT_ROOT
 from framework.tasks.common import resolve_resume
 from framework.tasks.train import train
+from framework.tracking.spool import Spool
 from tests.conftest import FAST, all_runs, compose_config, mlflow_client
 
 # 3 epochs of 6 steps, training state every 2 steps (and at each epoch's end)
@@ -97,17 +98,35 @@ def assert_same_as_straight(store: Path, straight: dict) -> None:
     assert loss_curve(store, run) == straight["curve"]  # every step logged once, with the same loss
 
 
-def test_sigterm_saves_the_state_marks_killed_and_resume_auto_matches_a_straight_run(tmp_path, straight):
+def test_kill9_and_sigterm_at_random_points_then_resume_auto_ends_as_a_straight_run(tmp_path, straight):
+    """Three kill -9s at random steps (and random moments within them), then a SIGTERM. Each restart with
+    ``resume=auto`` goes on from the newest checkpoint: after kill -9 losing at most one checkpoint interval,
+    after SIGTERM nothing (the step in progress ends, its state is saved, the run is KILLED and the command to
+    continue is printed). The end is bit-identical to the straight run, with every step logged once."""
     store, run_dir = tmp_path / "mlflow", tmp_path / "run"
-    job = start_job(store, run_dir)
-    wait_for_step(job, 9)
+    rng = random.Random()
+    targets = sorted(rng.sample(range(2, STEPS - 2), 4))
+    done = 0
+    for target in targets[:3]:
+        job = start_job(store, run_dir, "resume=auto")
+        lines = wait_for_step(job, max(target, done + 1))
+        assert done - INTERVAL <= resumed_step("".join(lines)) <= done + 1  # at most one interval lost
+        time.sleep(rng.uniform(0.0, 0.3))
+        job.kill()  # SIGKILL: no handler, no cleanup
+        lines += job.stdout.readlines()
+        job.wait()
+        done = last_step(lines)
+
+    job = start_job(store, run_dir, "resume=auto")
+    lines = wait_for_step(job, max(targets[3], done + 1))
+    assert done - INTERVAL <= resumed_step("".join(lines)) <= done + 1
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=300)
     assert job.returncode == 130, err[-3000:]
-    stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch 2\); training state saved in (\S+\.ckpt)", err)
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d\); training state saved in (\S+\.ckpt)", err)
     assert stopped, err[-3000:]
     _, meta = read_checkpoint(stopped.group(2), meta_only=True)
-    assert meta["global_step"] == int(stopped.group(1))  # nothing done is lost
+    assert meta["global_step"] == int(stopped.group(1)) >= last_step(lines)  # nothing done is lost
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "KILLED"
     command = re.search(r"continue it with: (python run\.py .*)", err).group(1)
@@ -117,30 +136,8 @@ def test_sigterm_saves_the_state_marks_killed_and_resume_auto_matches_a_straight
         [sys.executable, *shlex.split(command)[1:]], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {stopped.group(1)}" in resumed.stdout
-    assert_same_as_straight(store, straight)
-
-
-def test_kill9_at_random_points_then_resume_auto_ends_as_a_straight_run(tmp_path, straight):
-    """Three kill -9s at random steps (and random moments within them): each restart with ``resume=auto`` goes on
-    from the newest checkpoint, losing at most one checkpoint interval; the end is bit-identical."""
-    store, run_dir = tmp_path / "mlflow", tmp_path / "run"
-    rng = random.Random()
-    targets = sorted(rng.sample(range(2, STEPS - 1), 3))
-    done = 0
-    for target in targets:
-        job = start_job(store, run_dir, "resume=auto")
-        lines = wait_for_step(job, max(target, done + 1))
-        assert done - INTERVAL <= resumed_step("".join(lines)) <= done + 1  # at most one interval lost
-        time.sleep(rng.uniform(0.0, 0.3))
-        job.kill()  # SIGKILL: no handler, no cleanup
-        lines += job.stdout.readlines()
-        job.wait()
-        done = last_step(lines)
-    job = start_job(store, run_dir, "resume=auto")
-    out, err = job.communicate(timeout=600)
-    assert job.returncode == 0, err[-3000:]
-    assert done - INTERVAL <= resumed_step(out)
+    assert resumed_step(resumed.stdout) == int(stopped.group(1))
+    assert "did not take" not in resumed.stderr, resumed.stderr[-3000:]
     assert_same_as_straight(store, straight)
 
 
@@ -266,3 +263,23 @@ def test_tracking_server_down_mid_run_and_at_start_loses_and_repeats_no_metric(t
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+def test_spool_survives_a_torn_write_and_drops_only_undelivered_metrics_after_the_resume_step(tmp_path):
+    folder = tmp_path / "tracking"
+    spool = Spool(folder)
+    spool.set_state(run_id="r1")
+    for step in range(1, 7):
+        spool.append({"kind": "metrics", "at": step, "items": [["train_loss", 1.0 / step, 0, step]]})
+    spool.append({"kind": "tags", "items": {"a": "b"}})
+    spool.mark_delivered(2)
+    with open(folder / "records.jsonl", "a") as file:
+        file.write('{"kind": "metr')  # killed in the middle of a line
+    reopened = Spool(folder)
+    assert reopened.exists and reopened.state["run_id"] == "r1" and reopened.delivered == 2
+    assert len(reopened.records) == 7  # the torn line is gone, nothing else
+    assert reopened.discard_metrics_after(4) == 2  # steps 5 and 6: the resumed job logs them again
+    kept = Spool(folder).pending()
+    assert [r.get("at") for r in kept] == [3, 4, None]
+    reopened.mark_delivered(len(kept))
+    assert (folder / "records.jsonl").read_text() == "" and Spool(folder).pending() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,9 @@ def test_ctrl_c_marks_run_killed(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "the MLflow run is marked KILLED" in stderr
+    # MindSpore answers SIGINT with SIGTERM; either way the step in progress ends with the state saved
+    assert re.search(r"stopped by SIG(INT|TERM) at step \d+ \(epoch \d+\); training state saved in ", stderr)
+    assert "continue it with: python run.py " in stderr and f"resume=auto hydra.run.dir={run_dir}" in stderr
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "KILLED"
     assert run.data.metrics["val_top1"] > 0  # what was logged before the interrupt is kept

@@ -21,6 +21,7 @@ import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import ParameterTuple, Tensor, amp
+from mindspore.communication import get_group_size
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -49,7 +50,7 @@ class _StepCell(nn.Cell):
     per-tensor finiteness check of ResNeXt-50's 161 gradients costs 30 % of the step); a non-finite loss
     still skips the update. With a
     ``grad_reducer`` (data parallel) the update averages the gradients over all ranks first, so every
-    rank applies the same update (and sees the same overflow).
+    rank applies the same update (and sees the same overflow); the returned loss is the mean over ranks.
     """
 
     def __init__(
@@ -76,6 +77,8 @@ class _StepCell(nn.Cell):
         self.accumulation_steps = float(accumulation_steps)
         self.reduce = grad_reducer is not None
         self.grad_reducer = grad_reducer if grad_reducer is not None else nn.Identity()
+        self.loss_sum = ops.AllReduce(ops.ReduceOp.SUM) if self.reduce else ops.Identity()
+        self.world_size = float(get_group_size()) if self.reduce else 1.0
         self.update = update
 
     def construct(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +88,11 @@ class _StepCell(nn.Cell):
             grads = self.loss_scaler.unscale(self.grad(self.loss_net, self.weights)(images, labels, sens))
         else:
             grads = self.grad(self.loss_net, self.weights)(images, labels, ops.ones_like(loss))
+        local_loss = loss
+        if self.reduce:  # every rank sees the mean loss: same metric, same NaN decisions on all ranks
+            loss = self.loss_sum(loss) / self.world_size
         if not self.update:  # an accumulation micro-step; a non-finite loss adds nothing
-            finite = amp.all_finite(grads) if self.scaled else ops.isfinite(loss)
+            finite = amp.all_finite(grads) if self.scaled else ops.isfinite(local_loss)
             if finite:
                 for total, grad in zip(self.accumulated, grads):
                     ops.assign_add(total, grad)

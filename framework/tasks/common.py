@@ -147,6 +147,11 @@ def resolve_resume(
     run_id = None
     if resume == "auto":
         path = _latest_local_state(run_dir / "checkpoints", resume)
+        if path is None and any((run_dir / "checkpoints").glob("[!.]*.ckpt")):
+            raise ConfigError(
+                f"resume=auto: no intact training checkpoint in {run_dir / 'checkpoints'} (see above). "
+                "Move the folder away to start over, or resume from another file (resume=<path>.ckpt)"
+            )
         if path is None:
             print(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; training starts from the beginning")
             return None, None

@@ -59,7 +59,12 @@ def resume_command(run_dir: Path) -> str:
 
 def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     if hardware.distributed and not is_msrun_process():
-        record = relaunch(hardware, overrides(), run_dir, build(cfg, "tracking"))  # rank 0's, on node 0
+        tracker = build(cfg, "tracking")
+        try:
+            record = relaunch(hardware, overrides(), run_dir, tracker)  # rank 0's, on node 0
+        finally:  # rank 0 may have been stopped between a checkpoint and sending the metrics it covers
+            last = run_dir / "checkpoints" / "last.ckpt"
+            tracker.deliver_kept(run_dir / "tracking", resume_step(last) if last.is_file() else 0)
         checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
         return FitResult(record.get("history", []), record.get("best"), checkpoints)
     world = hardware.setup(cfg.seed)
@@ -90,6 +95,9 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     # the spool keeps the run's records in the run dir while the tracking server does not answer
     tags, spool_dir = {**run_tags(cfg, "train"), "run_dir": str(run_dir)}, run_dir / "tracking"
     resume_position = resume_step(resume_from) if resume_from is not None else 0 if cfg.get("resume") else None
+    earlier_spool = resume_from.parent.parent / "tracking" if resume_from is not None else spool_dir
+    if world.is_main and earlier_spool.resolve() != spool_dir.resolve():  # resumed from another job's folder
+        tracker.deliver_kept(earlier_spool, resume_position, drop_later=True)
     tracking = (
         tracker.start_run(tags, resume_run_id, spool_dir=spool_dir, resume_position=resume_position)
         if world.is_main
@@ -138,6 +146,8 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
                     path = checkpoint_dir / f"{name}.ckpt"
                     if path.is_file():
                         run.log_artifact(path, "checkpoints")
+                if (checkpoint_dir / "last.ckpt").is_file():  # stopped anywhere: what its newest state covers may go
+                    run.checkpointed = resume_step(checkpoint_dir / "last.ckpt")
                 bad_images = data.bad_images()
                 if bad_images:
                     run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from requests.exceptions import RequestException
 
+from framework.config import ConfigError
 from framework.tracking.spool import Spool
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -57,15 +59,17 @@ class MlflowTracker:
             return f"open {self.uri} in a browser"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000   # then open http://127.0.0.1:5000"
 
-    def experiment_id(self, client: MlflowClient) -> str:
-        experiment = client.get_experiment_by_name(self.experiment_name)
+    def experiment_id(self, client: MlflowClient, name: str | None = None) -> str:
+        """Id of the experiment ``name`` (default ``experiment_name``), created if it does not exist."""
+        name = name or self.experiment_name
+        experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = (self.local_store / "artifacts" / self.experiment_name).as_uri() if self.is_local else None
+        location = (self.local_store / "artifacts" / name).as_uri() if self.is_local else None
         try:
-            return client.create_experiment(self.experiment_name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created concurrently by another process
-            return client.get_experiment_by_name(self.experiment_name).experiment_id
+            return client.get_experiment_by_name(name).experiment_id
 
     def open_run(
         self,
@@ -93,7 +97,7 @@ class MlflowTracker:
                 run.flush()
                 return run
             if spool.pending():
-                raise ValueError(
+                raise ConfigError(
                     f"{spool_dir} holds tracking records of an earlier job (MLflow run {known or 'not created yet'}) "
                     f"that did not reach {spool.state.get('uri')}. Deliver them (python run.py task=sync "
                     f"run_dir={spool_dir.parent}), continue that job (resume=auto), or choose another hydra.run.dir"
@@ -115,6 +119,16 @@ class MlflowTracker:
         run = MlflowRun(self, spool, checkpointed=resume_position)
         run.flush()
         return run
+
+    def deliver_kept(self, spool_dir: Path, position: int, drop_later: bool = False) -> None:
+        """Send what a stopped job left in ``spool_dir`` up to training step ``position`` (its newest checkpoint);
+        ``drop_later`` drops its metrics after that step, which the job resumed now logs again."""
+        spool = Spool(spool_dir)
+        if not (spool.exists and spool.pending()):
+            return
+        if drop_later:
+            spool.discard_metrics_after(position)
+        MlflowRun(self, spool, checkpointed=position, verify=True).flush()
 
     @contextmanager
     def start_run(
@@ -149,9 +163,8 @@ class MlflowRun:
 
     def __init__(self, tracker: MlflowTracker, spool: Spool, checkpointed: int | None = None, verify: bool = False):
         self.tracker, self.spool, self.checkpointed = tracker, spool, checkpointed
-        self.client = (
-            tracker.client() if spool.state.get("uri", tracker.uri) == tracker.uri else MlflowClient(spool.state["uri"])
-        )
+        uri = spool.state.get("uri", tracker.uri)  # a kept spool names the server its run lives on
+        self.client = tracker.client() if uri == tracker.uri else MlflowClient(uri)
         self._verify = verify  # an earlier attempt may have reached the server: check before re-sending
         self._unreachable_since: float | None = None
 
@@ -220,7 +233,7 @@ class MlflowRun:
         try:
             with _fail_fast() if self.spool.folder is not None else nullcontext():
                 self._deliver(everything)
-        except Exception as err:
+        except (MlflowException, RequestException, OSError) as err:  # the server or the connection failed
             if self.spool.folder is None or _is_rejection(err):
                 raise
             if self._unreachable_since is None:
@@ -286,9 +299,10 @@ class MlflowRun:
                 try:
                     info = client.get_run(run_id).info
                 except MlflowException as err:
-                    raise ValueError(
-                        f"cannot continue MLflow run {run_id} at {client.tracking_uri}: {err.message}"
-                    ) from err
+                    if _is_rejection(err):  # no such run there
+                        message = f"cannot continue MLflow run {run_id} at {client.tracking_uri}: {err.message}"
+                        raise ConfigError(message) from err
+                    raise
                 self.spool.set_state(run_name=info.run_name)
                 client.update_run(run_id, status=record["status"])
             else:
@@ -313,7 +327,7 @@ class MlflowRun:
     def _create_run(self, record: dict[str, Any]) -> str:
         """Create the run, or find the one an interrupted earlier attempt created (by the spool's id)."""
         spool_id = self.spool.state.get("spool_id")
-        experiment_id = self.tracker.experiment_id(self.client)
+        experiment_id = self.tracker.experiment_id(self.client, self.spool.state.get("experiment"))
         if self._verify:
             found = self.client.search_runs([experiment_id], f"tags.spool_id = '{spool_id}'")
             if found:
@@ -324,9 +338,7 @@ class MlflowRun:
 
 def _is_rejection(err: Exception) -> bool:
     """The server answered and refused the request (a bad value): re-sending cannot help."""
-    return isinstance(err, (RestException, ValueError)) and (
-        not isinstance(err, RestException) or 400 <= err.get_http_status_code() < 500
-    )
+    return isinstance(err, MlflowException) and 400 <= err.get_http_status_code() < 500
 
 
 @contextmanager

@@ -29,11 +29,14 @@ class Spool:
             self.state = json.loads((self.folder / STATE_FILE).read_text())
             self.delivered = int(self.state.pop("delivered", 0))
             records = self.folder / RECORDS_FILE
-            for line in records.read_text().splitlines() if records.is_file() else []:
+            lines = records.read_text().splitlines() if records.is_file() else []
+            for line in lines:
                 try:
                     self.records.append(json.loads(line))
                 except json.JSONDecodeError:  # the last line, torn by a kill while it was written
                     break
+            if len(self.records) < len(lines):  # later records must not be appended to the torn line
+                _write_atomically(records, "".join(json.dumps(r) + "\n" for r in self.records))
             self.delivered = min(self.delivered, len(self.records))
 
     @classmethod

@@ -105,6 +105,7 @@ class SweepRun(Callback):
         parent.log_text(OmegaConf.to_yaml(sweeper), "sweep/sweeper.yaml")
         parent.log_text("\n".join(config.hydra.overrides.task) + "\n", "sweep/overrides.yaml")
         parent.log_text(OmegaConf.to_yaml({k: v for k, v in config.items() if k != "hydra"}), "sweep/config.yaml")
+        parent.flush()
         self.swept_keys = swept_keys(config)
         self.trial_offset = len(child_runs(parent.client, self.parent_id))
         os.environ[PARENT_RUN_ENV] = self.parent_id
