@@ -68,7 +68,8 @@ def check_config(cfg: DictConfig) -> None:
                 f"unknown top-level key '{key}' ({override}): nothing reads it. Top-level keys: "
                 f"{', '.join(TOP_LEVEL_KEYS)}; settings belong to a group (e.g. engine.epochs=3)"
             )
-    _check_type("seed", cfg.get("seed"), int, "config.yaml")
+    if "seed" in cfg:
+        _check_type("seed", cfg.seed, int, "config.yaml")
     for key in ("ckpt", "resume", "run_dir"):
         _check_type(key, cfg.get(key), typing.Optional[str], "config.yaml")
     allowed = allowed_targets(cfg)

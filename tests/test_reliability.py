@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,3 +284,15 @@ def test_spool_survives_a_torn_write_and_drops_only_undelivered_metrics_after_th
     assert [r.get("at") for r in kept] == [3, 4, None]
     reopened.mark_delivered(len(kept))
     assert (folder / "records.jsonl").read_text() == "" and Spool(folder).pending() == []
+
+
+def test_resume_auto_before_the_first_checkpoint_starts_over_in_the_same_run(tmp_path, capsys):
+    """Killed before any checkpoint: ``resume=auto`` trains from the beginning in the run the killed job opened;
+    params it logged keep their first values (MLflow cannot change them), the new ones are added."""
+    overrides = [*FAST, "engine.epochs=1", "engine.limit_train_batches=2", "resume=auto"]
+    train(compose_config([*overrides, "tracking.run_name=first"], tmp_path))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before its first checkpoint
+    train(compose_config([*overrides, "tracking.run_name=second"], tmp_path))
+    assert "keeps its first values of tracking.run_name" in capsys.readouterr().err
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.params["tracking.run_name"] == "first"

@@ -221,7 +221,7 @@ class Trainer:
                         network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
                     )
                     _deliver_metrics(run, done)
-                if stop_requested():
+                if stop_requested() and epoch < self.epochs:  # after the last epoch the run is simply done
                     raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
         return result
 

@@ -106,7 +106,7 @@ def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: M
 
 
 def _worker_errors(run_dir: Path) -> str:
-    """The last exception line of each worker log that has one: ``: worker_0: FloatingPointError: ...``."""
+    """The last error line of each worker log that has one: ``: worker_0: training error: train loss was nan ...``."""
     errors = []
     for log in sorted((run_dir / "msrun").glob("worker_*.log")):
         lines = [line for line in log.read_text(errors="replace").splitlines() if _EXCEPTION_LINE.match(line)]

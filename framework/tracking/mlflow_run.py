@@ -166,6 +166,7 @@ class MlflowRun:
         uri = spool.state.get("uri", tracker.uri)  # a kept spool names the server its run lives on
         self.client = tracker.client() if uri == tracker.uri else MlflowClient(uri)
         self._verify = verify  # an earlier attempt may have reached the server: check before re-sending
+        self._continued = verify  # a run an earlier process logged into: its params may be there already
         self._unreachable_since: float | None = None
 
     @property
@@ -308,7 +309,14 @@ class MlflowRun:
             else:
                 client.set_terminated(run_id, record["status"])
         elif kind == "params":
-            params = [Param(k, v) for k, v in record["items"].items()]
+            items = record["items"]
+            if self._continued:  # MLflow keeps a param's first value; a job started over keeps the run's
+                logged = client.get_run(run_id).data.params
+                kept = sorted(k for k, v in items.items() if k in logged and logged[k] != v)
+                if kept:
+                    print(f"note: MLflow run {run_id} keeps its first values of {', '.join(kept)}", file=sys.stderr)
+                items = {k: v for k, v in items.items() if k not in logged}
+            params = [Param(k, v) for k, v in items.items()]
             for i in range(0, len(params), _PARAM_BATCH):
                 client.log_batch(run_id, params=params[i : i + _PARAM_BATCH])
         elif kind == "tags":
