@@ -144,7 +144,7 @@ def resolve_resume(
     if not resume:
         return None, None
     resume = str(resume)
-    run_id = None
+    run_id, verified = None, True
     if resume == "auto":
         path = _latest_local_state(run_dir / "checkpoints", resume)
         if path is None and any((run_dir / "checkpoints").glob("[!.]*.ckpt")):
@@ -161,10 +161,12 @@ def resolve_resume(
         path = _latest_local_state(local / "checkpoints", resume) if local else None
         if path is None:
             path, _ = resolve_checkpoint(f"{resume.rstrip('/')}/checkpoints/last.ckpt", tracker, download_dir, "resume")
+            verified = False
     else:
         path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
-    try:
-        _, meta = read_checkpoint(path)  # every tensor against its checksum, before anything is built
+        verified = False
+    try:  # every tensor against its checksum, before anything is built (the local search has checked its pick)
+        _, meta = read_checkpoint(path, meta_only=verified)
     except ValueError as err:
         raise ConfigError(f"resume={resume}: {err}") from err
     if not is_training_state(meta):
