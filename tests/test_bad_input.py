@@ -15,9 +15,9 @@ from framework.tasks.eval import evaluate_checkpoint
 from framework.tasks.sync import sync
 from framework.tasks.train import train
 from framework.tracking.spool import Spool
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
-FAST_TINY = ["dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=2"]
+FAST_TINY = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=2"]
 
 
 def assert_no_runs(tmp_path: Path) -> None:

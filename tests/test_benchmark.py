@@ -21,7 +21,7 @@ from framework.tasks.benchmark import (
     hand_jit_loop,
     in_fresh_process,
 )
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 TINY = ["benchmark.image_size=16", "benchmark.batch_size=4", "benchmark.warmup_steps=1"]
 TINY += ["benchmark.steps=2", "benchmark.rounds=2", "benchmark.num_classes=10"]
@@ -31,6 +31,7 @@ def test_benchmark_measures_pipeline_step_eval_and_hand_loops(tmp_path):
     cfg = compose_config(
         [
             "task=benchmark",
+            TEST_MODEL,
             "dataset=synthetic_jpeg",
             f"dataset.path={tmp_path / 'syn'}",
             "dataset.train_images=40",

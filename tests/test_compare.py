@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from framework.config import ConfigError
 from framework.tasks.compare import compare
-from tests.conftest import all_runs, mlflow_client
+from tests.conftest import all_runs, empty_mlflow_db, mlflow_client
 
 T0 = 1_700_000_000_000  # run start times (ms): later in RUNS = newer
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,23 +61,14 @@ def log_run(
     return run_id
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its tables created once (about a second); each test starts from a copy."""
-    tmp_path = tmp_path_factory.mktemp("empty_store")
-    (tmp_path / "mlflow").mkdir()
-    mlflow_client(tmp_path).search_experiments()
-    return tmp_path / "mlflow" / "mlflow.db"
-
-
 @pytest.fixture
-def store(empty_db: Path, tmp_path: Path) -> dict[str, str]:
+def store(tmp_path: Path) -> dict[str, str]:
     """The store make_config points at: train runs, an eval run, a sweep (parent + children), an empty experiment.
 
     Returns run ids by name.
     """
     (tmp_path / "mlflow").mkdir()
-    shutil.copy(empty_db, tmp_path / "mlflow" / "mlflow.db")
+    shutil.copy(empty_mlflow_db(), tmp_path / "mlflow" / "mlflow.db")
     client = mlflow_client(tmp_path)
     experiment = {
         name: client.create_experiment(name, artifact_location=(tmp_path / "mlflow" / "artifacts" / name).as_uri())

@@ -17,7 +17,7 @@ from framework.data.transforms import eval_resize_size
 from framework.engine.losses import CrossEntropy
 from framework.tasks import run
 from framework.tasks.train import train
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 12, 5
 
@@ -32,6 +32,7 @@ def tree(tmp_path_factory):
 def folder_config(tmp_path, path, *overrides):
     return compose_config(
         [
+            TEST_MODEL,
             "dataset=folder",
             f"dataset.path={path}",
             "dataset.image_size=32",

@@ -19,9 +19,9 @@ from framework.launch import Hardware
 from framework.launch.msrun import msrun_command
 from framework.launch.slurm import first_host
 from framework.paths import PROJECT_ROOT
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
-TINY = ["dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=3"]
+TINY = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=3"]
 
 
 def run_py(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -189,7 +189,7 @@ def test_cpu2_interrupted_job_is_killed_and_resumes_into_the_same_run(tmp_path):
     """Ctrl-C after the first epoch: msrun stops both ranks, the run is KILLED with its last.ckpt, and
     ``resume=runs:/<id>`` finishes the job data parallel in the same MLflow run."""
     command = [sys.executable, str(PROJECT_ROOT / "run.py"), f"paths.output_dir={tmp_path}", "hardware=cpu2", *TINY]
-    command[-2] = "engine.epochs=3"
+    command[-2] = "engine.epochs=6"  # epochs 2-6 leave time to interrupt after the first checkpoint
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                            cwd=tmp_path, start_new_session=True)  # fmt: skip
@@ -209,4 +209,4 @@ def test_cpu2_interrupted_job_is_killed_and_resumes_into_the_same_run(tmp_path):
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "FINISHED" and run.data.tags["ranks_weights_identical"] == "true"
     epochs = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_top1")]
-    assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+    assert epochs[-1] == 6 and sorted(set(epochs)) == [1, 2, 3, 4, 5, 6]

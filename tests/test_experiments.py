@@ -76,9 +76,12 @@ def test_experiment_carries_the_seed_values(tmp_path, experiment):
 
 
 # The whole recipe on digits: its model, optimizer, schedule, precision, loss scaling, augmentation and mixup,
-# only smaller (16 px, 1 epoch of 3 steps, batch 16; epochs and resume are tested in test_step.py).
-ON_DIGITS = ["dataset=digits", "dataset.image_size=16", "dataset.eval_image_size=null", "dataset.batch_size=16",
-             "dataset.eval_batch_size=120", "engine.epochs=1", "engine.limit_train_batches=3"]  # fmt: skip
+# only smaller (16 px, 1 epoch of 2 steps of 8 images, 90 val images; epochs and resume: test_step.py). Run
+# eagerly: compiling a full-size model's train and eval graphs takes 1-3 min here, and graph mode is covered
+# elsewhere (each model's inference graph in test_export, graph training in test_step and test_optimizers).
+ON_DIGITS = ["dataset=digits", "dataset.image_size=16", "dataset.eval_image_size=null", "dataset.batch_size=8",
+             "dataset.val_fraction=0.05", "dataset.eval_batch_size=90", "engine.epochs=1",
+             "engine.limit_train_batches=2", "hardware.mode=pynative"]  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", sorted(SEED_VALUES))

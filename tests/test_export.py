@@ -37,10 +37,10 @@ def export_config(tmp_path: Path, model: str, fmt: str, *overrides: str):
 
 
 # ONNX for every model (each needed its own exportable ops); MINDIR, a generic exact round trip, for the
-# plainest model and for Conformer-Ti, whose reshapes fix the batch.
+# plainest model (the test ResNeXt) and for Conformer-Ti, whose reshapes fix the batch.
 @pytest.mark.parametrize(
     ("model", "fmt"),
-    [*((model, "ONNX") for model in MODELS), ("resnext50", "MINDIR"), ("conformer_ti", "MINDIR")],
+    [*((model, "ONNX") for model in MODELS), ("resnext_test", "MINDIR"), ("conformer_ti", "MINDIR")],
 )
 def test_export_matches_mindspore(tmp_path, model, fmt):
     result = export(export_config(tmp_path, model, fmt))
@@ -60,9 +60,9 @@ def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path, monkey
     compose_config([], tmp_path)  # creates the isolated store's directory
     experiment = client.create_experiment("classification", artifact_location=(tmp_path / "artifacts").as_uri())
     source = client.create_run(experiment).info.run_id
-    ckpt = checkpoint_for("resnext50", tmp_path, source_run_id=source)
-    cfg = compose_config(["task=export", "dataset.image_size=32", "export.batch_size=2", f"ckpt={ckpt}",
-                          "export.format=ONNX"], tmp_path)  # fmt: skip
+    ckpt = checkpoint_for("resnext_test", tmp_path, source_run_id=source)
+    cfg = compose_config(["task=export", "model=resnext_test", "dataset.image_size=32", "export.batch_size=2",
+                          f"ckpt={ckpt}", "export.format=ONNX"], tmp_path)  # fmt: skip
     result = export(cfg)
     assert "MLFLOW_TRACKING_URI" not in os.environ, "logging the model must not redirect later runs"
     assert client.get_run(source).data.tags["export.onnx"] == result["run_id"]
@@ -80,13 +80,13 @@ def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path, monkey
 
 def test_air_on_cpu_fails_at_once(tmp_path):
     with pytest.raises(ConfigError, match="export.format=AIR needs the Ascend backend"):
-        export(export_config(tmp_path, "resnext50", "AIR"))
+        export(export_config(tmp_path, "resnext_test", "AIR"))
     assert all_runs(mlflow_client(tmp_path)) == [] if (tmp_path / "mlflow").exists() else True
 
 
 def test_export_that_differs_beyond_tolerance_is_refused(tmp_path):
     with pytest.raises(ExportMismatch, match="differs from the MindSpore network by"):
-        export(export_config(tmp_path, "resnext50", "ONNX", "export.tolerance=1e-12"))
+        export(export_config(tmp_path, "resnext_test", "ONNX", "export.tolerance=1e-12"))
     assert not (tmp_path / "mlflow" / "mlflow.db").exists() or all_runs(mlflow_client(tmp_path)) == []
 
 
@@ -101,7 +101,7 @@ def test_onnx_model_is_served_over_http(tmp_path):
     import time
     import urllib.request
 
-    result = export(export_config(tmp_path, "resnext50", "ONNX"))
+    result = export(export_config(tmp_path, "resnext_test", "ONNX"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

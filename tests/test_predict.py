@@ -14,10 +14,10 @@ from sklearn.datasets import load_digits
 from framework.config import ConfigError
 from framework.tasks.export import export
 from framework.tasks.predict import predict
-from tests.conftest import compose_config
+from tests.conftest import TEST_MODEL, compose_config
 from tests.test_export import checkpoint_for
 
-SIZE = ["dataset.image_size=32"]
+SIZE = [TEST_MODEL, "dataset.image_size=32"]
 
 
 def image_folder(root: Path) -> Path:
@@ -32,7 +32,7 @@ def image_folder(root: Path) -> Path:
 
 
 def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
-    ckpt = checkpoint_for("resnext50", tmp_path)
+    ckpt = checkpoint_for("resnext_test", tmp_path)
     images = image_folder(tmp_path / "images")
     exported = {
         fmt: export(
@@ -75,7 +75,7 @@ def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
     ],
 )
 def test_bad_predict_requests_are_refused(tmp_path, overrides, message):
-    ckpt = checkpoint_for("resnext50", tmp_path)
+    ckpt = checkpoint_for("resnext_test", tmp_path)
     images = image_folder(tmp_path / "images")
     cfg = compose_config(["task=predict", *SIZE, f"ckpt={ckpt}", f"input={images}", *overrides], tmp_path)
     with pytest.raises(ConfigError, match=message):

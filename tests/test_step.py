@@ -10,7 +10,7 @@ import pytest
 from framework.engine.checkpoint import read_checkpoint
 from framework.engine.step import EMA, TrainStep, apply_amp, make_loss_scaler
 from framework.tasks.train import train
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 RNG = np.random.default_rng(0)
 X = ms.Tensor(RNG.normal(size=(8, 6)).astype(np.float32))
@@ -134,9 +134,9 @@ def test_bad_engine_values_fail_before_training(tmp_path, override, message):
 
 
 RESUME = [
-    "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=4", "engine.checkpoint_every_n_epochs=1",
-    "engine.checkpoint_every_n_steps=3", "engine.keep_checkpoint_max=5", "engine.ema_decay=0.9", "engine.eval_ema=true",
-    "engine.loss_scale=dynamic", "engine.loss_scale_window=2",
+    TEST_MODEL, "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=4",
+    "engine.checkpoint_every_n_epochs=1", "engine.checkpoint_every_n_steps=3", "engine.keep_checkpoint_max=5",
+    "engine.ema_decay=0.9", "engine.eval_ema=true", "engine.loss_scale=dynamic", "engine.loss_scale_window=2",
 ]  # fmt: skip
 
 
@@ -165,7 +165,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_same_seed_gives_the_same_loss_curve_and_logs_what_defines_the_run(tmp_path):
     overrides = [
-        "dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=4",
+        TEST_MODEL, "dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=4",
         "dataset.augment.auto_augment=rand-m9-mstd0.5-inc1", "dataset.augment.re_prob=0.5",
         "dataset.mixup.mixup_alpha=0.8", "dataset.mixup.cutmix_alpha=1.0",
     ]  # fmt: skip
@@ -184,8 +184,8 @@ def test_same_seed_gives_the_same_loss_curve_and_logs_what_defines_the_run(tmp_p
 
 
 def test_best_checkpoint_follows_the_monitored_metric_and_mode(tmp_path):
-    overrides = ["dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=2", "engine.monitor=val_loss",
-                 "engine.monitor_mode=min"]  # fmt: skip
+    overrides = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=2",
+                 "engine.monitor=val_loss", "engine.monitor_mode=min"]  # fmt: skip
     result = train(compose_config(overrides, tmp_path))
     losses = [h["val_loss"] for h in result.history]
     _, meta = read_checkpoint(result.checkpoints["best"])

@@ -16,7 +16,7 @@ from mlflow.entities import Run
 
 from framework.paths import PROJECT_ROOT
 from framework.tasks.compare import compare
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 TINY = ["dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=2"]
 
@@ -58,7 +58,7 @@ def test_grid_sweep_in_parallel_with_joblib(tmp_path):
     out = run_sweep(
         tmp_path,
         "sweeps=grid_models_lr",
-        "model=resnext50,efficientnet_b2",
+        "model=resnext_test,resnext50",
         "scheduler.lr=0.01,0.05",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
@@ -69,7 +69,7 @@ def test_grid_sweep_in_parallel_with_joblib(tmp_path):
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.data.tags["sweep_trial"] for c in children) == ["0", "1", "2", "3"]
     combos = {(c.data.params["model.name"], c.data.params["scheduler.lr"]) for c in children}
-    assert combos == {(m, lr) for m in ("resnext50_32x4d", "efficientnet_b2") for lr in ("0.01", "0.05")}
+    assert combos == {(m, lr) for m in ("resnext_test", "resnext50_32x4d") for lr in ("0.01", "0.05")}
     assert parent.data.metrics["trials_finished"] == 4 and parent.data.metrics["trials_failed"] == 0
     assert_best_recorded(parent, children, ["model", "scheduler.lr"])
     artifacts = {a.path for a in mlflow_client(tmp_path).list_artifacts(parent.info.run_id, "sweep")}
@@ -83,7 +83,7 @@ def test_grid_sweep_in_parallel_with_joblib(tmp_path):
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    out = run_sweep(tmp_path, "dataset.batch_size=5000,32")
+    out = run_sweep(tmp_path, TEST_MODEL, "dataset.batch_size=5000,32")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trial 0 failed, the sweep goes on: config error: dataset.batch_size=5000" in out.stderr
     parent, children = parent_and_children(tmp_path)
@@ -100,7 +100,7 @@ def _complete_trials(storage: Path) -> int:
     if not storage.is_file():
         return 0
     try:
-        study = optuna.load_study(study_name="digits_resnext50_32x4d_tpe", storage=f"sqlite:///{storage}")
+        study = optuna.load_study(study_name="digits_resnext_test_tpe", storage=f"sqlite:///{storage}")
     except KeyError:
         return 0
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
@@ -109,8 +109,8 @@ def _complete_trials(storage: Path) -> int:
 def test_optuna_study_survives_an_interrupt_and_completes(tmp_path):
     """A 4-trial TPE study, interrupted (Ctrl-C) after two trials, then re-run: it continues the stored study
     and the same MLflow parent until four trials completed, and records the best."""
-    storage = tmp_path / "sweeps" / "digits_resnext50_32x4d_tpe.db"
-    overrides = ["sweeps=optuna_tpe", "study.n_trials=4"]
+    storage = tmp_path / "sweeps" / "digits_resnext_test_tpe.db"
+    overrides = [TEST_MODEL, "sweeps=optuna_tpe", "study.n_trials=4"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     first = subprocess.Popen(
         sweep_command(tmp_path, *overrides),
@@ -146,5 +146,5 @@ def test_optuna_study_survives_an_interrupt_and_completes(tmp_path):
     assert len({c.data.params["scheduler.lr"] for c in finished}) == 4, "a continued study samples new points"
     assert_best_recorded(again, children, ["scheduler.lr", "optimizer.weight_decay", "loss.label_smoothing"])
     assert not [k for k in again.data.tags if k.startswith("best.")], "the interrupted run's best-so-far tags are gone"
-    study = optuna.load_study(study_name="digits_resnext50_32x4d_tpe", storage=f"sqlite:///{storage}")
+    study = optuna.load_study(study_name="digits_resnext_test_tpe", storage=f"sqlite:///{storage}")
     assert study.best_value == pytest.approx(again.data.metrics["best_val_top1"])

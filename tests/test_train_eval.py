@@ -15,7 +15,7 @@ from mlflow.entities import RunStatus
 from framework.paths import PROJECT_ROOT
 from framework.tasks.eval import evaluate_checkpoint
 from framework.tasks.train import train
-from tests.conftest import FAST, all_runs, compose_config, mlflow_client
+from tests.conftest import FAST, TEST_MODEL, all_runs, compose_config, mlflow_client
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,13 @@ def test_run_logs_params_tags_and_status(trained):
     _, _, _, run = trained
     assert RunStatus.from_string(run.info.status) == RunStatus.FINISHED
     params = run.data.params
-    assert params["model.name"] == "resnext50_32x4d"
+    assert params["model.name"] == "resnext_test"
     assert params["dataset.image_size"] == "16"
     assert params["engine.epochs"] == "2"
     assert params["optimizer._target_"] == "framework.optim.optimizers.create_optimizer"
     assert params["optimizer.name"] == "momentum"
     tags = run.data.tags
-    assert tags["model"] == "resnext50_32x4d" and tags["dataset"] == "digits" and tags["hardware"] == "cpu"
+    assert tags["model"] == "resnext_test" and tags["dataset"] == "digits" and tags["hardware"] == "cpu"
     assert tags["mindspore_version"].startswith("2.")
 
 
@@ -124,7 +124,7 @@ def test_ctrl_c_marks_run_killed(tmp_path):
 
 def test_pynative_mode_trains(tmp_path):
     """hardware.mode=pynative runs the same loop eagerly."""
-    result = train(compose_config(["debug=fast", "hardware.mode=pynative"], tmp_path))
+    result = train(compose_config(["debug=fast", TEST_MODEL, "hardware.mode=pynative"], tmp_path))
     assert len(result.history) == 2 and np.isfinite(result.last["val_loss"])
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "FINISHED" and run.data.params["hardware.mode"] == "pynative"

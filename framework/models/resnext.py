@@ -86,16 +86,17 @@ class ResNeXt(nn.Cell):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         zero_init_last: bool = True,
+        stem_width: int = 64,
+        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
     ) -> None:
         super().__init__()
-        self.conv1 = _conv(in_channels, 64, 7, stride=2)
-        self.bn1 = _bn(64)
+        self.conv1 = _conv(in_channels, stem_width, 7, stride=2)
+        self.bn1 = _bn(stem_width)
         self.relu = nn.ReLU()
         self.maxpool = StemMaxPool()
-        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, 64
+        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, stem_width
         stages = []
-        for stage_idx, depth in enumerate(layers):
-            planes = 64 * 2**stage_idx
+        for stage_idx, (depth, planes) in enumerate(zip(layers, widths)):
             blocks = []
             for i in range(depth):
                 stride = 2 if i == 0 and stage_idx > 0 else 1
@@ -133,3 +134,10 @@ def resnext101_32x4d(**kwargs) -> ResNeXt:
 def resnext101_32x8d(**kwargs) -> ResNeXt:
     """ResNeXt-101 32×8d: 88.8 M parameters at 1000 classes."""
     return ResNeXt((3, 4, 23, 3), cardinality=32, base_width=8, **kwargs)
+
+
+@register_model
+def resnext_test(**kwargs) -> ResNeXt:
+    """One narrow block per stage (~0.1 M parameters): the ResNeXt code path at a fraction of the cost, for
+    tests and smoke runs of the training machinery (as timm's ``test_*`` models); not for accuracy."""
+    return ResNeXt((1, 1, 1, 1), cardinality=4, base_width=16, stem_width=16, widths=(16, 32, 48, 64), **kwargs)
