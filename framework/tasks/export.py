@@ -274,6 +274,9 @@ def _log_onnx_model(
                 signature=signature,
                 input_example={"images": example[:1] if any_batch else example},
                 onnx_execution_providers=providers,
+                # onnx and onnxruntime pinned to this environment: what serving the file needs (MLflow would
+                # otherwise load the model in a subprocess to infer the same, ~5 s per export)
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             )
     finally:
         mlflow.set_tracking_uri(previous)  # None unsets it
