@@ -138,6 +138,6 @@ def resnext101_32x8d(**kwargs) -> ResNeXt:
 
 @register_model
 def resnext_test(**kwargs) -> ResNeXt:
-    """One narrow block per stage (~0.1 M parameters): the ResNeXt code path at a fraction of the cost, for
+    """One narrow block per stage (~0.16 M parameters): the ResNeXt code path at a fraction of the cost, for
     tests and smoke runs of the training machinery (as timm's ``test_*`` models); not for accuracy."""
     return ResNeXt((1, 1, 1, 1), cardinality=4, base_width=16, stem_width=16, widths=(16, 32, 48, 64), **kwargs)
