@@ -13,6 +13,7 @@ recipes acts in one place, on CPU as on GPU/Ascend:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -22,6 +23,8 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import ParameterTuple, Tensor, amp
 from mindspore.communication import get_group_size
+
+from framework.paths import PROJECT_ROOT
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -198,4 +201,15 @@ def apply_amp(network: nn.Cell, amp_level: str) -> nn.Cell:
     """Cast ``network`` for mixed precision; O0 leaves it in fp32."""
     if amp_level not in AMP_LEVELS:
         raise ValueError(f"engine.amp_level must be one of {', '.join(AMP_LEVELS)}, got '{amp_level}'")
-    return network if amp_level == "O0" else amp.auto_mixed_precision(network, amp_level)
+    if amp_level == "O0":
+        return network
+    # MindSpore's AMP rewrite parses the source of every function the network calls, except "third-party" ones,
+    # and counts as the user's own code everything under the working directory: with a virtual environment
+    # inside the project (.venv/), MindSpore's own functions, which it cannot parse, would be. Its working
+    # directory is this package's folder while it rewrites, so only our code is ours.
+    previous = os.getcwd()
+    os.chdir(PROJECT_ROOT / "framework")
+    try:
+        return amp.auto_mixed_precision(network, amp_level)
+    finally:
+        os.chdir(previous)
