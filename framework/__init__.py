@@ -8,4 +8,3 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 from framework import paths  # noqa: E402, F401  (registers the ${project_root:} resolver used by conf/paths)
 from framework.launch import slurm  # noqa: E402, F401  (registers the SLURM resolvers hardware/ and hydra/launcher/ use)
-from framework.tracking import sweep  # noqa: E402, F401  (registers the resolvers sweeps/ configs use)

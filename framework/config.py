@@ -43,6 +43,8 @@ RANGES = {
     "engine.checkpoint_every_n_steps": _NON_NEGATIVE,
     "engine.accumulation_steps": _POSITIVE,
     "engine.max_nonfinite_steps": _POSITIVE,
+    "engine.early_stopping.patience": _POSITIVE,
+    "engine.early_stopping.min_delta": _NON_NEGATIVE,
 }
 # Keys of config.yaml itself; any other top-level key added with +key=... has no reader.
 TOP_LEVEL_KEYS = ("seed", "ckpt", "resume", "run_dir", "allowed_targets")

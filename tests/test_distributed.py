@@ -24,10 +24,12 @@ from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 TINY = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=3"]
 
 
-def run_py(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python run.py <overrides>`` with every output (run dirs, MLflow store) under ``tmp_path``."""
+def run_py(
+    tmp_path: Path, *overrides: str, timeout: int = 600, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """``python run.py [flags] <overrides>`` with every output (run dirs, MLflow store) under ``tmp_path``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SLURM_"))}
-    command = [sys.executable, str(PROJECT_ROOT / "run.py"), f"paths.output_dir={tmp_path}", *overrides]
+    command = [sys.executable, str(PROJECT_ROOT / "run.py"), *flags, f"paths.output_dir={tmp_path}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
@@ -210,3 +212,32 @@ def test_cpu2_interrupted_job_is_killed_and_resumes_into_the_same_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["ranks_weights_identical"] == "true"
     epochs = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_top1")]
     assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+
+
+def test_cpu2_sweep_trial_is_pruned_on_both_ranks(tmp_path):
+    """A data-parallel Optuna trial: rank 0 reports to the study, the median pruner stops the bad trial after
+    epoch 1 (worse than the study's finished trial), and rank 1 stops with it (same weights on both); the study
+    records PRUNED, MLflow a FINISHED run tagged pruned."""
+    import optuna
+
+    from tests.test_sweeps import enqueue
+
+    enqueue(tmp_path, "sweep_resnext_test", 1e-5)  # after one finished trial
+    overrides = [
+        TEST_MODEL, "hardware=cpu2", "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=15",
+        "hydra/sweeper=optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
+        "hydra.sweeper.n_trials=2", "scheduler.lr=tag(log,interval(1e-5,0.1))",
+    ]  # fmt: skip
+    out = run_py(tmp_path, *overrides, timeout=900, flags=("-m",))
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="sweep_resnext_test", storage=f"sqlite:///{tmp_path}/sweeps/sweep_resnext_test.db"
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    runs = {r.data.tags.get("sweep_trial"): r for r in all_runs(mlflow_client(tmp_path))}
+    pruned = runs["1"]
+    assert pruned.info.status == "FINISHED" and pruned.data.tags["pruned"] == "true"
+    assert pruned.data.tags["stopped_epoch"] == "1" and pruned.data.tags["ranks_weights_identical"] == "true"
+    (trial_dir,) = [d for d in (tmp_path / "multiruns").glob("*/*/0") if d.is_dir()]  # the sweep's first job
+    for rank in (0, 1):
+        assert "training ends after epoch 1" in (trial_dir / "msrun" / f"worker_{rank}.log").read_text()

@@ -177,27 +177,16 @@ def test_nonfinite_loss_stops_the_run_with_the_last_good_checkpoint(tmp_path):
     assert sum(not np.isfinite(v) for v in losses) == 3  # the bad steps are on record
 
 
-@pytest.fixture(scope="module")
-def server_python(tmp_path_factory) -> str:
-    """A Python that runs ``mlflow server``: this environment plus SQLAlchemy 2, which the server of MLflow 3.17
-    imports (the project keeps SQLAlchemy 1.4 for the Optuna sweeper's study storage)."""
-    venv = tmp_path_factory.mktemp("server-env")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", "sqlalchemy>=2,<3"], check=True, capture_output=True)
-    return python
-
-
 class TrackingServer:
     """A real ``mlflow server`` on 127.0.0.1 with a SQLite store, which the test stops and starts again."""
 
-    def __init__(self, python: str, folder: Path) -> None:
-        self.python, self.folder, self.port = python, folder, free_port()
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [self.python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/db.sqlite"]
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/db.sqlite"]
         command += ["--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--workers", "1"]
         log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server writes it while it runs)
@@ -217,11 +206,11 @@ class TrackingServer:
         self.process.wait(timeout=60)
 
 
-def test_tracking_server_down_mid_run_and_at_start_loses_and_repeats_no_metric(tmp_path, server_python):
+def test_tracking_server_down_mid_run_and_at_start_loses_and_repeats_no_metric(tmp_path):
     """Job A loses its server after step 3 and ends without it (``task=sync`` delivers the rest); job B starts with
     the server down and finds it back during training. Both runs end FINISHED with every step logged exactly once."""
     (tmp_path / "server").mkdir()
-    server = TrackingServer(server_python, tmp_path / "server")
+    server = TrackingServer(tmp_path / "server")  # from this environment, as users start it
     server.start()
     tracked = f"tracking.uri={server.uri}"
     try:

@@ -2,6 +2,16 @@
 
 from framework.engine.checkpoint import load_checkpoint, save_checkpoint
 from framework.engine.evaluate import evaluate
+from framework.engine.observers import EarlyStopping, Observer, Stop
 from framework.engine.trainer import FitResult, Trainer
 
-__all__ = ["FitResult", "Trainer", "evaluate", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "EarlyStopping",
+    "FitResult",
+    "Observer",
+    "Stop",
+    "Trainer",
+    "evaluate",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -31,6 +31,7 @@ from framework.data.pipeline import ImageData
 from framework.engine.checkpoint import read_checkpoint, restore_parameters, save_checkpoint
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
+from framework.engine.observers import EarlyStopping, Observer, Stop
 from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
 from framework.launch.distributed import SINGLE_PROCESS, World
 from framework.launch.signals import deferred_stop, stop_requested
@@ -50,6 +51,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    stopped: dict[str, Any] | None = None  # an observer ended training early: its kind, reason and epoch
 
     @property
     def last(self) -> dict[str, float] | None:
@@ -79,6 +81,7 @@ class Trainer:
         ema_decay: float | None = None,
         eval_ema: bool = False,
         max_nonfinite_steps: int = 5,
+        early_stopping: EarlyStopping | None = None,
     ) -> None:
         if eval_ema and ema_decay is None:
             raise ValueError("engine.eval_ema=true needs engine.ema_decay (e.g. 0.9998)")
@@ -100,6 +103,7 @@ class Trainer:
         self.accumulation_steps = accumulation_steps
         self.ema_decay, self.eval_ema = ema_decay, eval_ema
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.early_stopping = early_stopping
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Micro-batches used per epoch: all full batches (or ``limit_train_batches``), whole accumulations only."""
@@ -139,9 +143,11 @@ class Trainer:
         checkpoint_meta: dict[str, Any],
         resume_from: Path | None = None,
         world: World = SINGLE_PROCESS,
+        observers: tuple[Observer, ...] = (),
     ) -> FitResult:
         """Train (from the training state in ``resume_from`` if given), logging to ``run`` (None: don't log).
 
+        ``observers`` (and ``early_stopping``) hear each evaluation and may end training after it.
         Over several ranks each trains on its data shard; only the main rank writes checkpoints.
         """
         steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch(world.size))
@@ -152,9 +158,15 @@ class Trainer:
         result, done = FitResult(), 0
         if resume_from is not None:
             done = self._resume(resume_from, state, result)
+            if result.stopped is not None:
+                print(
+                    f"training had ended at epoch {result.stopped['epoch']} ({result.stopped['reason']}): nothing to do"
+                )
+                return result
             print(f"resumed from {resume_from} at step {done} (epoch {done // steps_per_epoch + 1})")
         step.micro_step = done
         skipped = nonfinite = 0  # updates skipped by the loss scaler; consecutive steps with a NaN/Inf loss
+        observers = (self.early_stopping, *observers) if self.early_stopping is not None else observers
         # several ranks must stop at the same step, which a signal to each cannot promise: they stop at once
         stop_at_step_end = deferred_stop() if world.size == 1 else nullcontext()
         with _progress() as progress, stop_at_step_end:
@@ -206,7 +218,8 @@ class Trainer:
                         raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
                 world.average(running_statistics)  # same BatchNorm statistics on every rank, as timm's distribute_bn
                 epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
-                if epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs:
+                evaluated = epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs
+                if evaluated:
                     val = self._evaluate(network, data, ema, world)
                     epoch_metrics.update({f"val_{k}": v for k, v in val.items()})
                     progress.console.print(
@@ -216,11 +229,19 @@ class Trainer:
                 if run is not None:
                     run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch, at=done)
                 result.history.append(epoch_metrics)
+                if evaluated:  # every evaluation is heard; after the last epoch there is nothing left to stop
+                    stopped = _stop_decision(observers, epoch, done, result.history, world)
+                    result.stopped = stopped if epoch < self.epochs else None
                 if not nonfinite:
                     self._checkpoint_epoch(
                         network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
                     )
                     _deliver_metrics(run, done)
+                if result.stopped is not None:
+                    progress.console.print(
+                        f"training ends after epoch {epoch}: {result.stopped['reason']}", soft_wrap=True
+                    )
+                    break
                 if stop_requested() and epoch < self.epochs:  # after the last epoch the run is simply done
                     raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
         return result
@@ -270,7 +291,7 @@ class Trainer:
         """Write the training state to last.ckpt and, if named, a periodic file (newest few kept)."""
         meta = {
             **meta, "epoch": epoch, "global_step": done, "history": result.history, "best": result.best,
-            "rng_state": ms.get_rng_state().asnumpy().tolist(),
+            "stopped": result.stopped, "rng_state": ms.get_rng_state().asnumpy().tolist(),
         }  # fmt: skip
         result.checkpoints["last"] = save_checkpoint(state, directory / "last.ckpt", meta)
         if periodic_name:
@@ -316,7 +337,20 @@ class Trainer:
         ms.set_rng_state(ms.Tensor(np.asarray(meta["rng_state"], np.uint8)))
         result.history = list(meta.get("history", []))
         result.best = meta.get("best")
+        result.stopped = meta.get("stopped")
         return int(meta["global_step"])
+
+
+def _stop_decision(
+    observers: tuple[Observer, ...], epoch: int, done: int, history: list[dict[str, float]], world: World
+) -> dict[str, Any] | None:
+    """Every observer hears the evaluation; the first ``Stop`` ends training. Over several ranks all stop
+    together: a stop only rank 0 can see (a sweep trial's pruning) reaches the others by an all-reduce."""
+    stops = [o.on_evaluation(epoch, done, history[-1], history) for o in observers]
+    stop = next((s for s in stops if s is not None), None)
+    if world.size > 1 and world.all_reduce_sum(np.array([float(stop is not None)]))[0] > 0 and stop is None:
+        stop = Stop("rank0", "rank 0 ended training")
+    return stop.record(epoch) if stop is not None else None
 
 
 def _deliver_metrics(run: MlflowRun | None, done: int) -> None:

@@ -83,6 +83,10 @@ def run_trial(cfg: DictConfig) -> Any:
         record_failed_trial(cfg, f"{kind}: {message}")
         return math.nan
     if isinstance(result, FitResult):
+        if result.stopped is not None and result.stopped["kind"] == "pruned":
+            import optuna
+
+            raise optuna.TrialPruned(result.stopped["reason"])  # the sweeper records the trial as PRUNED
         best = result.best or {}
         return float(best.get(cfg.engine.monitor, math.nan))
     return result

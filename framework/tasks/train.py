@@ -16,7 +16,7 @@ import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, build, overrides
-from framework.engine import FitResult
+from framework.engine import FitResult, Observer, Stop
 from framework.engine.checkpoint import read_checkpoint, weights_sha256
 from framework.engine.trainer import TrainingDiverged
 from framework.launch import Hardware
@@ -33,6 +33,7 @@ from framework.tasks.common import (
     resolve_resume,
     run_tags,
 )
+from framework.tracking.study import StudyTrial
 
 
 def train(cfg: DictConfig) -> FitResult:
@@ -66,7 +67,7 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             last = run_dir / "checkpoints" / "last.ckpt"
             tracker.deliver_kept(run_dir / "tracking", resume_step(last) if last.is_file() else 0)
         checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
-        return FitResult(record.get("history", []), record.get("best"), checkpoints)
+        return FitResult(record.get("history", []), record.get("best"), checkpoints, record.get("stopped"))
     world = hardware.setup(cfg.seed)
     data = build(cfg, "dataset")
     network = build_model(cfg, data.num_classes)
@@ -127,6 +128,8 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             "class_names": data.class_names,
             "mlflow_run_id": run.run_id if run is not None else None,
         }
+        study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
+        observers = (PruneTrial(study_trial, trainer.monitor),) if study_trial is not None else ()
         try:
             result = trainer.fit(
                 network,
@@ -139,6 +142,7 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
                 meta,
                 resume_from=resume_from,
                 world=world,
+                observers=observers,
             )
         finally:
             if run is not None:
@@ -157,6 +161,8 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             if result.best is not None:
                 best_epoch = int(result.best["epoch"])
                 run.log_metrics({f"best_{trainer.monitor}": result.best[trainer.monitor]}, step=best_epoch)
+            if result.stopped is not None:
+                run.set_tags(stop_tags(result.stopped))
 
     if not world.is_main:
         print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
@@ -168,6 +174,7 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             "history": result.history,
             "best": result.best,
             "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
+            "stopped": result.stopped,
         },
     )
     best = f"runs:/{run.run_id}/checkpoints/best.ckpt" if run.run_id else str(result.checkpoints.get("best"))
@@ -178,6 +185,11 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             f"in experiment '{tracker.experiment_name}'",
             "best": format_metrics(result.best),
             "last": format_metrics(result.last),
+            **(
+                {"stopped early": f"after epoch {result.stopped['epoch']}: {result.stopped['reason']}"}
+                if result.stopped
+                else {}
+            ),
             "best checkpoint": f"{result.checkpoints.get('best')}  = {best}",
             "last checkpoint": str(result.checkpoints.get("last")),
             "weights sha256": checksum,
@@ -186,6 +198,29 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
         },
     )
     return result
+
+
+class PruneTrial(Observer):
+    """Reports ``engine.monitor`` after each evaluation to the Optuna trial this job runs for, and ends
+    training when the trial's pruner prunes it (the sweeper then records the trial as PRUNED)."""
+
+    def __init__(self, trial: StudyTrial, monitor: str) -> None:
+        self.trial, self.monitor = trial, monitor
+
+    def on_evaluation(self, epoch: int, step: int, metrics: dict, history: list) -> Stop | None:
+        value = metrics.get(self.monitor)
+        if value is None or not self.trial.pruned(value, epoch):
+            return None
+        pruner = type(self.trial.pruner).__name__
+        return Stop("pruned", f"pruned by {pruner} (Optuna trial {self.trial.number}): {self.monitor} {value:.4f}")
+
+
+def stop_tags(stopped: dict) -> dict[str, str]:
+    """MLflow tags of a run that ended early: at which epoch, why, and ``pruned=true`` for a pruned trial."""
+    tags = {"stopped_epoch": str(stopped["epoch"]), "stop_reason": str(stopped["reason"])}
+    if stopped["kind"] == "pruned":
+        tags["pruned"] = "true"
+    return tags
 
 
 def resume_step(checkpoint: Path) -> int:

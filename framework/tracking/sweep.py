@@ -4,8 +4,10 @@
 run (tags, the sweeper config, the overrides) and exports its id; every trial's run, in this process, a
 joblib worker or an msrun worker, is created as its child (``MlflowTracker.start_run`` reads the id).
 When the sweep ends the parent records the best trial: its run id, swept values and objective.
-An Optuna sweep with a ``storage`` keeps one parent per study: re-running it reopens that parent.
-The objective is ``engine.monitor`` at its best epoch, better by ``engine.monitor_mode``.
+An Optuna sweep keeps one parent per stored study: re-running it reopens that parent, unless the study is
+complete (``framework.tracking.study.plan_study`` says so), when nothing is touched.
+The objective is ``engine.monitor`` at its best epoch, better by ``engine.monitor_mode``; pruned trials
+are counted but never the best.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import atexit
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,50 +29,10 @@ from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from framework.config import ConfigError
 from framework.launch.signals import raise_interrupt
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV, MlflowTracker
-
-_DIRECTIONS = {"max": "maximize", "min": "minimize"}
-
-
-def sweep_direction(monitor_mode: str) -> str:
-    """Optuna's direction for ``engine.monitor_mode`` (resolver ``${sweep_direction:...}``)."""
-    if monitor_mode not in _DIRECTIONS:
-        raise ValueError(f"engine.monitor_mode must be 'max' or 'min', got '{monitor_mode}'")
-    return _DIRECTIONS[monitor_mode]
-
-
-def finished_trials(storage: str | None, study_name: str | None) -> int:
-    """Trials of a stored Optuna study that finished (complete, failed or pruned); 0 for a new study."""
-    if not storage or not study_name:
-        return 0
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
-        return 0
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:  # no such study in this storage yet
-        return 0
-    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-
-
-def trials_left(storage: str | None, study_name: str | None, n_trials: int) -> int:
-    """Trials still to run for a study of ``n_trials`` (resolver ``${trials_left:...}``), so re-running an
-    interrupted sweep completes it instead of starting over."""
-    return max(int(n_trials) - finished_trials(storage, study_name), 0)
-
-
-def study_seed(storage: str | None, study_name: str | None, seed: int) -> int:
-    """Sampler seed for this invocation of a study (resolver ``${study_seed:...}``): ``seed`` shifted by the
-    trials already finished, so a continued study does not replay its first random samples."""
-    return int(seed) + finished_trials(storage, study_name)
-
-
-if not OmegaConf.has_resolver("trials_left"):
-    OmegaConf.register_new_resolver("trials_left", trials_left)
-    OmegaConf.register_new_resolver("study_seed", study_seed)
-    OmegaConf.register_new_resolver("sweep_direction", sweep_direction)
+from framework.tracking.study import describe_storage, is_optuna_sweep, plan_study
 
 
 class SweepRun(Callback):
@@ -81,11 +44,21 @@ class SweepRun(Callback):
         self.monitor, self.mode = "val_top1", "max"
         self.swept_keys: list[str] = []
         self.trial_offset = 0  # trials a continued study's parent already has
+        self.previous_sigterm: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = config.hydra.sweeper
+        study = None
+        if is_optuna_sweep(sweeper):
+            try:  # (Hydra calls this before the sweeper's own setup, which plans the same way)
+                study = plan_study(sweeper, list(config.hydra.overrides.task))
+            except ConfigError as err:
+                print(f"config error: {err}", file=sys.stderr)
+                sys.exit(2)
+            if study.trials_left == 0:
+                return  # a complete study: the sweeper says so, and its parent run stays as it is
         self.tracker = instantiate(config.tracking)
         self.monitor, self.mode = str(config.engine.monitor), str(config.engine.monitor_mode)
-        sweeper = config.hydra.sweeper
         sweep_dir = Path(config.hydra.sweep.dir)
         tags = {
             "task": "sweep",
@@ -94,13 +67,16 @@ class SweepRun(Callback):
             "objective": self.monitor,
             "objective_mode": self.mode,
         }
-        storage, study = sweeper.get("storage"), sweeper.get("study_name")
-        if storage and study:
-            tags.update(optuna_storage=str(storage), optuna_study=str(study))
-            if str(storage).startswith("sqlite:///"):
-                Path(str(storage)[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        previous = self._previous_parent(tags) if storage and study else None
-        parent = self.tracker.open_run(tags, run_id=previous, run_name=f"sweep-{study or sweep_dir.name}")
+        if study is not None:
+            tags.update(
+                optuna_storage=describe_storage(str(sweeper.storage)),
+                optuna_study=str(sweeper.study_name),
+                sampler=str(sweeper.sampler._target_).rsplit(".", 1)[-1],
+                pruner=str(sweeper.pruner._target_).rsplit(".", 1)[-1],
+            )
+        previous = self._previous_parent(tags) if study is not None else None
+        name = f"sweep-{sweeper.study_name if study else sweep_dir.name}"
+        parent = self.tracker.open_run(tags, run_id=previous, run_name=name)
         self.parent_id = parent.run_id
         parent.log_text(OmegaConf.to_yaml(sweeper), "sweep/sweeper.yaml")
         parent.log_text("\n".join(config.hydra.overrides.task) + "\n", "sweep/overrides.yaml")
@@ -110,14 +86,17 @@ class SweepRun(Callback):
         self.trial_offset = len(child_runs(parent.client, self.parent_id))
         os.environ[PARENT_RUN_ENV] = self.parent_id
         atexit.register(self._end, RunStatus.KILLED)  # the sweep stopped before on_multirun_end (Ctrl-C, crash)
-        # MindSpore answers Ctrl-C by sending SIGTERM, which would end the process without atexit: make it an interrupt
-        signal.signal(signal.SIGTERM, raise_interrupt)
+        # MindSpore answers Ctrl-C by sending SIGTERM, which would end the process without atexit: make it an
+        # interrupt while the sweep runs
+        self.previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
         print(f"sweep parent MLflow run {self.parent_id} in experiment '{self.tracker.experiment_name}'")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Export the trial number for the trial's run (here or in a joblib worker; msrun workers inherit it)."""
-        if PARENT_RUN_ENV in os.environ and HydraConfig.get().mode == RunMode.MULTIRUN:
-            os.environ[TRIAL_ENV] = str(self.trial_offset + HydraConfig.get().job.num)
+        """Export the trial number for the trial's run (here or in a joblib worker; msrun workers inherit it):
+        the Optuna sweeper sets its study's trial number itself, the basic sweeper counts jobs."""
+        hydra = HydraConfig.get()
+        if PARENT_RUN_ENV in os.environ and hydra.mode == RunMode.MULTIRUN and TRIAL_ENV not in hydra.job.env_set:
+            os.environ[TRIAL_ENV] = str(self.trial_offset + hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -144,15 +123,22 @@ class SweepRun(Callback):
         parent_id, self.parent_id = self.parent_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(TRIAL_ENV, None)
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
         client = self.tracker.client()
         children = child_runs(client, parent_id)
         key = f"best_{self.monitor}"
         finished = [r for r in children if r.info.status == "FINISHED"]
-        scored = [r for r in finished if math.isfinite(r.data.metrics.get(key, math.nan))]
+        pruned = {r.info.run_id for r in finished if r.data.tags.get("pruned") == "true"}
+        # as Optuna's best trial, the best is a trial that ran to its end (a pruned one stopped early)
+        scored = [
+            r for r in finished if r.info.run_id not in pruned and math.isfinite(r.data.metrics.get(key, math.nan))
+        ]
         sign = 1.0 if self.mode == "max" else -1.0
         summary = {
             "trials": len(children),
-            "trials_finished": len(finished),
+            "trials_finished": len(finished) - len(pruned),
+            "trials_pruned": len(pruned),
             "trials_failed": sum(r.info.status == "FAILED" for r in children),
         }
         for name, value in summary.items():
