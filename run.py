@@ -14,4 +14,5 @@ def main(cfg: DictConfig) -> Any:
 
 
 if __name__ == "__main__":
+    framework.tasks.check_command_line()  # a mistyped group name gets a "did you mean" before Hydra composes
     main()

@@ -13,6 +13,7 @@ import inspect
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -26,8 +27,9 @@ _VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 ALLOWED_TARGET_PREFIXES = ("framework.", "mindspore.")
 
 # Ranges of values wherever the composed config has them: (lowest, highest, lowest allowed itself).
-_POSITIVE, _NON_NEGATIVE, _FRACTION = (0, None, False), (0, None, True), (0, 1, True)
+_POSITIVE, _NON_NEGATIVE, _FRACTION, _OPEN_FRACTION = (0, None, False), (0, None, True), (0, 1, True), (0, 1, False)
 RANGES = {
+    "seed": (0, 2**32, True),  # what MindSpore, NumPy and the data pipeline take
     "dataset.batch_size": _POSITIVE,
     "dataset.eval_batch_size": _POSITIVE,
     "dataset.image_size": _POSITIVE,
@@ -43,6 +45,9 @@ RANGES = {
     "engine.checkpoint_every_n_steps": _NON_NEGATIVE,
     "engine.accumulation_steps": _POSITIVE,
     "engine.max_nonfinite_steps": _POSITIVE,
+    "engine.clip_grad_norm": _POSITIVE,
+    "engine.ema_decay": _OPEN_FRACTION,
+    "engine.loss_scale_value": _POSITIVE,
     "engine.early_stopping.patience": _POSITIVE,
     "engine.early_stopping.min_delta": _NON_NEGATIVE,
 }
@@ -73,9 +78,12 @@ def check_config(cfg: DictConfig) -> None:
     if "seed" in cfg:
         _check_type("seed", cfg.seed, int, "config.yaml")
     for key in ("ckpt", "resume", "run_dir"):
-        _check_type(key, cfg.get(key), typing.Optional[str], "config.yaml")
+        _check_type(key, cfg.get(key), str | None, "config.yaml")
     allowed = allowed_targets(cfg)
-    for path, node in _target_nodes(cfg):
+    targets = list(_target_nodes(cfg))
+    for path, node in targets:  # first of all: nothing outside the allowlist is even imported
+        check_target(path, node._target_, allowed)
+    for path, node in targets:
         _check_keys(path, node, allowed)
     for key, (low, high, low_included) in RANGES.items():
         value = OmegaConf.select(cfg, key)
@@ -84,7 +92,10 @@ def check_config(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}. Fix: {key}=<number>")
         if value < low or (value == low and not low_included) or (high is not None and value >= high):
-            expected = f"in [{low}, {high})" if high is not None else f">= {low}" if low_included else f"> {low}"
+            if high is not None:
+                expected = f"in {'[' if low_included else '('}{low}, {high})"
+            else:
+                expected = f">= {low}" if low_included else f"> {low}"
             raise ConfigError(f"{key} must be {expected}, got {value}. Fix: {key}=<number {expected}>")
 
 
@@ -141,6 +152,12 @@ def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> None:
         obj = get_object(target)
     except Exception as err:
         raise ConfigError(f"{path}._target_: cannot import '{target}' ({err})") from err
+    schema_of = getattr(obj, "schema_of", None)  # a factory whose keys depend on what it builds (create_model)
+    if schema_of is not None:
+        try:
+            obj = schema_of(node)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     accepted = _accepted_keys(obj)
     if accepted is None:
         return
@@ -282,6 +299,67 @@ def group_choices() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None and "hydra" not in k}
+
+
+_OTHER_CONFIG_FLAGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
+
+
+def command_line_problem(argv: Sequence[str], conf_dir: Path) -> str | None:
+    """What is wrong with the command line's overrides, in one line, found by composing them as Hydra will;
+    Hydra itself prints several lines and exits 1. A mistyped group or key gets the name it was likely meant to
+    be (``optimzer=adamw``, ``engine.epoch=3``); a missing choice the list of choices. A sweep (``-m``) is
+    composed at its first value. None when the command line composes (or names another config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
+    if any(arg.split("=")[0] in _OTHER_CONFIG_FLAGS for arg in argv):
+        return None
+    parser, given, composed = OverridesParser.create(), {}, {}  # key → the argument as typed / as composed
+    for arg in (arg for arg in argv if "=" in arg and not arg.startswith("-")):
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as err:  # the grammar's parse errors
+            return f"cannot read the override {arg!r}: {str(err).splitlines()[0]} (Hydra's override grammar)"
+        key = override.get_key_element().lstrip("+~")
+        given[key], composed[key] = arg, _first_value(override, arg)
+    with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
+        try:
+            compose("config", overrides=list(composed.values()))
+        except MissingConfigException as err:
+            group, choice = str(err.missing_cfg_file).rsplit("/", 1)
+            return (
+                f"{group}={choice}: no such choice in config group '{group}'; choices: {', '.join(err.options or [])}"
+            )
+        except ConfigCompositionException as err:
+            message = str(err)
+            if not message.startswith("Could not override '"):
+                return " ".join(message.split())
+            key = message.split("'")[1]
+            composed.pop(key)
+            return _unknown_key(key, given[key], compose("config", overrides=list(composed.values())))
+    return None
+
+
+def _first_value(override: Any, arg: str) -> str:
+    """``arg`` with a sweep's first value (``lr=0.1,0.2`` → ``lr=0.1``); an interval keeps only its key."""
+    if not override.is_sweep_override():
+        return arg
+    values = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else ["null"]
+    return f"{override.get_key_element()}={values[0]}" if values else arg
+
+
+def _unknown_key(key: str, arg: str, cfg: DictConfig) -> str:
+    """One line for an override of a key the composed config does not have, with the likely intended key."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    known = sorted(map(str, node.keys())) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.75)
+    if close:
+        fixed = f"{parent}.{close[0]}" if parent else close[0]
+        return f"unknown config group or key '{key}' ({arg}). Did you mean '{fixed}'? Fix: {arg.replace(key, fixed, 1)}"
+    where = f"'{parent}' has" if parent else "the config's top level has"
+    return f"unknown config group or key '{key}' ({arg}): {where} {', '.join(known)}. Fix: one of those keys"
 
 
 def overrides() -> list[str]:

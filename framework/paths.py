@@ -7,9 +7,12 @@ Outputs (run dirs, the local MLflow store) live under the project, whatever the 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +28,31 @@ def rank_dir_name() -> str:
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
     OmegaConf.register_new_resolver("rank_dir", rank_dir_name)
+
+
+def unwritable(folder: Path) -> Path | None:
+    """The folder that stops ``folder`` from being created or written (the nearest existing one), or None."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK) else existing
+
+
+class WritableOutputs(Callback):
+    """Before Hydra creates a job's folder: an outputs folder that cannot be written stops the command with one
+    line and exit status 2, instead of Hydra's error when it tries (``conf/hydra/default.yaml``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(folder: Path) -> None:
+        blocked = unwritable(folder.absolute())
+        if blocked is not None:
+            print(
+                f"config error: the job's folder {folder} cannot be made: {blocked} is read-only for this user. "
+                "Fix: paths.output_dir=<a writable folder> (or hydra.run.dir=... for this job)",
+                file=sys.stderr,
+            )
+            sys.exit(2)

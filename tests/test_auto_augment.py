@@ -145,7 +145,7 @@ def test_same_seed_and_key_give_the_same_image_in_any_thread() -> None:
     aug = AutoAugment("rand-m9-mstd0.5-inc1", SIZE, MEAN, "random", seed=7)
     with ThreadPoolExecutor(max_workers=4) as pool:
         threaded = list(pool.map(lambda k: aug(image, np.int64(k))[0], reversed(keys)))[::-1]
-    for a, b in zip(serial, threaded):
+    for a, b in zip(serial, threaded, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -349,7 +349,7 @@ def test_rand_augment_applies_each_op_with_prob(monkeypatch: pytest.MonkeyPatch)
 
 def test_increasing_and_standard_op_sets_differ_only_in_direction() -> None:
     assert len(RAND_OPS) == len(RAND_INCREASING_OPS) == 15
-    changed = {(a, b) for a, b in zip(RAND_OPS, RAND_INCREASING_OPS) if a != b}
+    changed = {(a, b) for a, b in zip(RAND_OPS, RAND_INCREASING_OPS, strict=True) if a != b}
     assert changed == {
         ("Posterize", "PosterizeIncreasing"),
         ("Solarize", "SolarizeIncreasing"),

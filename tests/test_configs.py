@@ -56,6 +56,7 @@ def test_dataset_choices_build(make_config, tmp_path, small_tree, dataset):
     """Each dataset choice builds a loader of the configured size (folder ones on a small generated tree)."""
     per_choice = {
         "folder": [f"dataset.path={small_tree}"],
+        "folder_small": [f"dataset.path={small_tree}"],
         "imagenet": [f"dataset.path={small_tree}", "dataset.num_classes=3"],
         "synthetic_jpeg": [
             f"dataset.path={tmp_path / 'syn'}",
@@ -83,8 +84,9 @@ def test_optimizer_choices_build(make_config, optimizer):
 
 @pytest.mark.parametrize("scheduler", choices("scheduler"))
 def test_scheduler_choices_build(make_config, scheduler):
-    lr = build(make_config(f"scheduler={scheduler}"), "scheduler", epochs=3, steps_per_epoch=5)
-    assert lr.shape == (15,) and lr.dtype == np.float32 and (lr >= 0).all()
+    schedule = build(make_config(f"scheduler={scheduler}"), "scheduler", epochs=3, steps_per_epoch=5)
+    lr = np.asarray(schedule)
+    assert len(schedule) == 15 and lr.shape == (15,) and lr.dtype == np.float32 and (lr >= 0).all()
 
 
 @pytest.mark.parametrize("loss", choices("loss"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import mindspore as ms
 import numpy as np
@@ -232,6 +233,22 @@ def test_training_logs_class_map_and_bad_images(tmp_path, tree_with_bad_files):
     assert set(listed) == bad
 
 
+def test_a_val_split_lacking_a_class_is_warned_and_counts_are_logged(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "tree", 2, 8, 2, size=(40, 30))
+    shutil.rmtree(root / "val" / "class_001")
+    train(folder_config(tmp_path, root, "dataset.batch_size=4", "dataset.image_size=16", "engine.epochs=1"))
+    assert (
+        "warning: the val split has no images of 1 class(es) the train split has (class_001): their accuracy is never "
+        "measured" in capsys.readouterr().out
+    )
+    client = mlflow_client(tmp_path)
+    (run,) = all_runs(client)
+    counts = json.loads(
+        open(client.download_artifacts(run.info.run_id, "data/class_counts.json", str(tmp_path))).read()
+    )
+    assert counts == {"class_000": {"train": 8, "val": 2}, "class_001": {"train": 8, "val": 0}}
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -278,3 +295,11 @@ def test_bad_pipeline_settings_fail_at_build(tmp_path, tree, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
         build(cfg, "dataset")
+
+
+def test_a_path_with_spaces_and_accents_is_given_in_hydra_quotes(tmp_path):
+    """README: `python run.py dataset=folder "dataset.path='/data/my photos/été'"` reaches the dataset intact."""
+    root = write_image_folder(tmp_path / "my photos" / "été", 2, 4, 2, size=(20, 20))
+    cfg = folder_config(tmp_path, f"'{root}'")
+    assert cfg.dataset.path == str(root)
+    assert build(cfg, "dataset").class_counts() == {"train": [4, 4], "val": [2, 2]}

@@ -80,7 +80,7 @@ def test_run_stops_early_and_a_resume_after_sigterm_stops_at_the_same_epoch(tmp_
     wait_for_step(job, 14)  # in epoch 3, with 1 evaluation waited so far
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=300)
-    assert job.returncode == 130
+    assert job.returncode == 143
     resumed = start_job(store, run_dir, *EARLY, "resume=auto")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
@@ -93,4 +93,4 @@ def test_run_stops_early_and_a_resume_after_sigterm_stops_at_the_same_epoch(tmp_
     again = start_job(store, run_dir, *EARLY, "resume=auto")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
-    assert "training had ended at epoch 3 (early stopping" in out
+    assert "training ended early after epoch 3 (early stopping" in out

@@ -29,7 +29,7 @@ def test_cosine_closed_form():
 
 def test_multistep_closed_form():
     lr = multistep(lr=0.1, epochs=6, steps_per_epoch=3, milestones=[2, 4], gamma=0.5)
-    assert lr.tolist() == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+    assert np.asarray(lr).tolist() == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def export_config(tmp_path: Path, model: str, fmt: str, *overrides: str):
     ("model", "fmt"),
     [*((model, "ONNX") for model in MODELS), ("resnext_test", "MINDIR"), ("conformer_ti", "MINDIR")],
 )
-def test_export_matches_mindspore(tmp_path, model, fmt):
+def test_export_matches_mindspore(tmp_path, capfd, model, fmt):
     result = export(export_config(tmp_path, model, fmt))
+    assert "does not match actual shape" not in capfd.readouterr().err  # onnxruntime: the declared shapes are right
     assert result["max_abs_diff"] <= 1e-4 * result["max_abs_logit"] and result["input_shape"] == (2, 3, 32, 32)
     print(f"PARITY {model} {fmt} max_abs_diff={result['max_abs_diff']:.3g} max_abs_logit={result['max_abs_logit']:.3g}")
     logits = load_exported(result["path"])(np.zeros((2, 3, 32, 32), np.float32))
@@ -52,7 +54,11 @@ def test_export_matches_mindspore(tmp_path, model, fmt):
     assert run.info.status == "FINISHED" and run.data.tags["export_format"] == fmt
     assert run.data.metrics[f"{fmt.lower()}_max_abs_diff"] == pytest.approx(result["max_abs_diff"])
     artifacts = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "export")}
-    assert f"export/{result['path'].name}" in artifacts
+    assert {f"export/{result['path'].name}", "export/export.json"} <= artifacts
+    written = json.loads((result["path"].parent / "export.json").read_text())
+    any_batch = model != "conformer_ti"  # its reshapes fix the batch; the others take any batch, MINDIR too
+    assert written == {"format": fmt, "input_shape": [2, 3, 32, 32], "any_batch": any_batch}
+    assert run.data.tags["export_any_batch"] == str(any_batch).lower()
 
 
 def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path, monkeypatch):

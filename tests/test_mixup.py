@@ -308,7 +308,7 @@ def test_erasing_same_seed_same_output():
     image = np.random.default_rng(0).standard_normal((C, RH, RW), dtype=np.float32)
     erasing = RandomErasing(probability=0.5, mode="pixel", max_count=2)
     outs = [[erasing(image, np.random.default_rng(seed)) for seed in range(10)] for _ in range(2)]
-    for first, second in zip(*outs):
+    for first, second in zip(*outs, strict=True):
         np.testing.assert_array_equal(first, second)
     assert any(not np.array_equal(out, image) for out in outs[0])
     assert any(np.array_equal(out, image) for out in outs[0])

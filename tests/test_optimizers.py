@@ -93,7 +93,7 @@ def test_config_builds_and_trains_in_graph_mode(path):
 
 def test_filter_groups_bias_norm_gain_and_1d_params():
     opt = create_optimizer(make_params(), 0.1, "momentum", weight_decay=1e-4)
-    decayed = {p.name for p, flag in zip(opt.parameters, opt.decay_flags) if flag}
+    decayed = {p.name for p, flag in zip(opt.parameters, opt.decay_flags, strict=True) if flag}
     assert [p.name for p in opt.parameters] == [p.name for p in make_params()]  # network order kept
     assert decayed == {"stem.conv.weight", "head.fc.weight"}
 
@@ -101,7 +101,7 @@ def test_filter_groups_bias_norm_gain_and_1d_params():
 def test_without_filter_mindspore_rule_decays_all_but_gamma_beta():
     opt = create_optimizer(make_params(), 0.1, "momentum", weight_decay=1e-4, filter_bias_and_norm=False)
     assert not opt.is_group
-    skipped = {p.name for p, flag in zip(opt.parameters, opt.decay_flags) if not flag}
+    skipped = {p.name for p, flag in zip(opt.parameters, opt.decay_flags, strict=True) if not flag}
     assert skipped == {"stages.0.blocks.0.bn1.gamma", "stages.0.blocks.0.bn1.beta"}
 
 
@@ -126,7 +126,7 @@ def test_zero_gradient_step_decays_only_the_decay_group():
 def tf_rmsprop(w, grads, lrs, rho, momentum, eps, wd):
     """TensorFlow's ApplyRMSProp with L2 decay added to the gradient; mean square starts at ones."""
     ms_acc, mom = np.ones_like(w), np.zeros_like(w)
-    for g, lr in zip(grads, lrs):
+    for g, lr in zip(grads, lrs, strict=True):
         g = g + wd * w
         ms_acc = rho * ms_acc + (1 - rho) * g * g
         mom = momentum * mom + lr * g / np.sqrt(ms_acc + eps)

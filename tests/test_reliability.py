@@ -80,17 +80,28 @@ def loss_curve(store: Path, run) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in history)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict:
+def run_straight(root: Path, *overrides: str) -> dict:
     """The job run once without faults: its final weights, val metrics and per-step loss."""
-    root = tmp_path_factory.mktemp("straight")
-    job = start_job(root / "mlflow", root / "run")
+    job = start_job(root / "mlflow", root / "run", *overrides)
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
     run = finished_run(root / "mlflow")
     curve = loss_curve(root / "mlflow", run)
     assert [step for step, _ in curve] == list(range(1, STEPS + 1))
     return {"weights": run.data.tags["weights_sha256"], "val_top1": run.data.metrics["val_top1"], "curve": curve}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    return run_straight(tmp_path_factory.mktemp("straight"))
+
+
+def kill_points_rng() -> random.Random:
+    """Random kill points that a failure can repeat: the seed is printed (pytest shows it with the failure), and
+    KILL_POINTS_SEED=<seed> runs the same points again."""
+    seed = int(os.environ.get("KILL_POINTS_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"kill points seed {seed}: repeat with KILL_POINTS_SEED={seed}")
+    return random.Random(seed)
 
 
 def assert_same_as_straight(store: Path, straight: dict) -> None:
@@ -106,7 +117,7 @@ def test_kill9_and_sigterm_at_random_points_then_resume_auto_ends_as_a_straight_
     after SIGTERM nothing (the step in progress ends, its state is saved, the run is KILLED and the command to
     continue is printed). The end is bit-identical to the straight run, with every step logged once."""
     store, run_dir = tmp_path / "mlflow", tmp_path / "run"
-    rng = random.Random()
+    rng = kill_points_rng()
     targets = sorted(rng.sample(range(2, STEPS - 2), 4))
     done = 0
     for target in targets[:3]:
@@ -124,7 +135,7 @@ def test_kill9_and_sigterm_at_random_points_then_resume_auto_ends_as_a_straight_
     assert done - INTERVAL <= resumed_step("".join(lines)) <= done + 1
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=300)
-    assert job.returncode == 130, err[-3000:]
+    assert job.returncode == 143, err[-3000:]  # 128 + SIGTERM, as shells expect
     stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d\); training state saved in (\S+\.ckpt)", err)
     assert stopped, err[-3000:]
     _, meta = read_checkpoint(stopped.group(2), meta_only=True)
@@ -143,6 +154,30 @@ def test_kill9_and_sigterm_at_random_points_then_resume_auto_ends_as_a_straight_
     assert_same_as_straight(store, straight)
 
 
+ACCUMULATED = "engine.accumulation_steps=2"  # 6 micro-steps per epoch = 3 updates; state every 2 updates
+
+
+def test_sigterm_inside_an_accumulation_stops_at_its_end_and_resumes_exactly(tmp_path, tmp_path_factory):
+    """With gradient accumulation a stop waits for the update that ends the accumulation in progress (its partial
+    gradient sum is not part of the saved state), and the resumed job ends bit-identical to a straight one."""
+    straight = run_straight(tmp_path_factory.mktemp("straight_accumulated"), ACCUMULATED)
+    store, run_dir = tmp_path / "mlflow", tmp_path / "run"
+    job = start_job(store, run_dir, ACCUMULATED)
+    wait_for_step(job, 9)  # micro-step 9, the first half of update 5, is done: the signal comes mid-accumulation
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 143, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d\); training state saved in (\S+\.ckpt)", err)
+    assert stopped and int(stopped.group(1)) % 2 == 0 and int(stopped.group(1)) >= 10, err[-3000:]
+    _, meta = read_checkpoint(stopped.group(2), meta_only=True)
+    assert meta["global_step"] == int(stopped.group(1))
+    resumed = start_job(store, run_dir, ACCUMULATED, "resume=auto")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert resumed_step(out) == int(stopped.group(1))
+    assert_same_as_straight(store, straight)
+
+
 def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
     """resume=auto warns about a corrupt last.ckpt and continues from the newest intact periodic checkpoint."""
     overrides = [*FAST, "engine.epochs=1", "engine.limit_train_batches=6", "engine.checkpoint_every_n_steps=2"]
@@ -151,9 +186,9 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
     checkpoints = tmp_path / "run" / "checkpoints"
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:-50_000])
-    path, run_id = resolve_resume("auto", build(cfg, "tracking"), tmp_path / "run", tmp_path / "download")
-    assert path == checkpoints / "step_00000004.ckpt"
-    assert run_id == all_runs(mlflow_client(tmp_path))[0].info.run_id
+    resume = resolve_resume("auto", build(cfg, "tracking"), tmp_path / "run", tmp_path / "download")
+    assert resume.path == checkpoints / "step_00000004.ckpt" and resume.state.micro_steps == 4
+    assert resume.run_id == all_runs(mlflow_client(tmp_path))[0].info.run_id
     assert "passed over cannot read checkpoint" in capsys.readouterr().out
 
 
@@ -186,7 +221,14 @@ class TrackingServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/db.sqlite"]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder}/db.sqlite",
+        ]
         command += ["--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--workers", "1"]
         log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server writes it while it runs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import tracemalloc
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from hydra.utils import get_object, instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from framework.optim.schedules import cosine_annealing, exponential, linear, plot_schedule
+from framework.optim.schedules import cosine, cosine_annealing, exponential, linear, multistep, plot_schedule
 
 SCHEDULER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "scheduler").glob("*.yaml"))
 
@@ -70,7 +72,7 @@ def test_exponential_staircase_floors_fractional_decay_steps():
     # 2.4 epochs x 3 steps = 7.2 steps per decay: periods start at ceil(k * 7.2) = 8, 15, 22, 29
     sched = exponential(lr=0.04, epochs=10, steps_per_epoch=3, decay_rate=0.97, decay_epochs=2.4)
     boundaries = [0, 8, 15, 22, 29, 30]
-    for k, (start, stop) in enumerate(zip(boundaries, boundaries[1:])):
+    for k, (start, stop) in enumerate(pairwise(boundaries)):
         assert sched[start:stop].tolist() == [approx(0.04 * 0.97**k)] * (stop - start)
     for start in boundaries[1:-1]:
         assert sched[start] / sched[start - 1] == approx(0.97)
@@ -152,7 +154,9 @@ RECIPES = {
 @pytest.mark.parametrize(("epochs", "steps_per_epoch"), [(1, 1), (3, 5), (4, 7)])
 def test_one_float32_per_step(name, epochs, steps_per_epoch):
     fn, kwargs = RECIPES[name]
-    sched = fn(epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+    schedule = fn(epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+    sched = np.asarray(schedule)
+    assert len(schedule) == epochs * steps_per_epoch
     assert sched.shape == (epochs * steps_per_epoch,) and sched.dtype == np.float32
     assert np.isfinite(sched).all() and (sched >= 0).all()
 
@@ -199,7 +203,7 @@ def test_scheduler_config_instantiates(path):
     cfg = OmegaConf.load(path)
     params = set(inspect.signature(get_object(cfg._target_)).parameters) - {"epochs", "steps_per_epoch"}
     assert set(cfg) - {"_target_"} <= params  # the config checker rejects any other key
-    sched = instantiate(cfg, epochs=3, steps_per_epoch=5)
+    sched = np.asarray(instantiate(cfg, epochs=3, steps_per_epoch=5))
     assert sched.shape == (15,) and sched.dtype == np.float32 and (sched >= 0).all()
 
 
@@ -227,7 +231,7 @@ def test_plot_schedule_draws_the_schedule_against_epochs():
 
 def test_plot_schedule_uses_log_scale_over_two_decades():
     sched = exponential(lr=0.1, epochs=10, steps_per_epoch=2, decay_rate=0.5, decay_epochs=1)
-    assert sched.max() / sched.min() > 100
+    assert np.max(sched) / np.min(sched) > 100
     assert plot_schedule(sched, steps_per_epoch=2, title="exponential").axes[0].get_yscale() == "log"
 
 
@@ -244,3 +248,44 @@ def test_lr_scaling_refuses_unknown_rule_and_bad_reference():
         LrScaling("cubic")
     with pytest.raises(ValueError, match="reference_batch_size must be > 0"):
         LrScaling("linear", 0)
+
+
+# --- computed per update, never stored ------------------------------------------------------
+
+EVERY_SCHEDULE = [
+    (cosine, {"lr": 0.05, "min_lr": 1e-5, "warmup_epochs": 1.3, "warmup_lr": 1e-6}),
+    (multistep, {"lr": 0.05, "milestones": [2, 5, 7], "gamma": 0.1, "warmup_epochs": 1}),
+    (cosine_annealing, {"lr": 0.05, "t_max": 8, "eta_min": 0.001, "warmup_epochs": 1}),
+    (linear, {"lr_init": 1e-4, "lr_max": 0.13, "lr_end": 1e-5, "warmup_epochs": 2}),
+    (exponential, {"lr": 0.04, "decay_rate": 0.97, "decay_epochs": 2.4, "warmup_epochs": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("fn", "kwargs"), EVERY_SCHEDULE, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("factor", [1.0, 2.0, 1.4142135623730951, 0.37])
+def test_one_update_at_a_time_gives_exactly_the_whole_run(fn, kwargs, factor):
+    """The trainer asks for one update's lr at a time; it is bit for bit the value of the whole-run array (as
+    precomputed before), lr scaling included."""
+    schedule = fn(epochs=9, steps_per_epoch=37, **kwargs).scaled(factor)
+    whole = np.asarray(schedule)
+    assert whole.dtype == np.float32
+    np.testing.assert_array_equal(np.array([schedule[i] for i in range(len(schedule))]), whole)
+    np.testing.assert_array_equal(
+        whole, (np.asarray(fn(epochs=9, steps_per_epoch=37, **kwargs)) * factor).astype(np.float32)
+    )
+
+
+def test_a_run_of_a_hundred_million_epochs_costs_no_memory():
+    tracemalloc.start()
+    schedule = cosine(lr=0.05, epochs=10**8, steps_per_epoch=45, warmup_epochs=1)
+    last, first_after_warmup = schedule[-1], schedule[45]
+    fig = plot_schedule(schedule, steps_per_epoch=45, title="cosine")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (
+        len(schedule) == 4_500_000_000
+        and last == pytest.approx(0.0, abs=1e-9)
+        and first_after_warmup == np.float32(0.05)
+    )
+    assert len(fig.axes[0].get_lines()[0].get_xdata()) == 4000  # the plot samples the run
+    assert peak < 20 * 2**20  # bytes: a precomputed float32 schedule would take 18 GB

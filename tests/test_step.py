@@ -9,6 +9,7 @@ import pytest
 
 from framework.engine.checkpoint import read_checkpoint
 from framework.engine.step import EMA, TrainStep, apply_amp, make_loss_scaler
+from framework.paths import PROJECT_ROOT
 from framework.tasks.train import train
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
@@ -109,7 +110,8 @@ def test_ema_follows_the_weights_and_swaps_in():
 
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
-def test_mixed_precision_levels_train_on_cpu(level):
+def test_mixed_precision_levels_train_on_cpu(level, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     ms.set_context(mode=ms.GRAPH_MODE)
     net = nn.SequentialCell(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dense(4 * 8 * 8, 3))
     net = apply_amp(net, level)
@@ -119,6 +121,7 @@ def test_mixed_precision_levels_train_on_cpu(level):
     losses = [float(step(images, Y[:4])[0].asnumpy()) for _ in range(5)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert {p.dtype for p in net.get_parameters()} == {ms.float32}  # weights and BN statistics stay fp32
+    assert list(tmp_path.iterdir()) == [] and not (PROJECT_ROOT / "framework" / "rewritten_network").exists()
 
 
 @pytest.mark.parametrize(("override", "message"), [

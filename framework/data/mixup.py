@@ -118,7 +118,7 @@ class Mixup:
         else:
             groups = [(i, n - 1 - i) for i in range(n)]
         lam = np.ones(n)
-        for (dst, src), group_lam, use_cutmix in zip(groups, *self._params(len(groups), rng)):
+        for (dst, src), group_lam, use_cutmix in zip(groups, *self._params(len(groups), rng), strict=True):
             if group_lam == 1.0:
                 continue
             if use_cutmix:

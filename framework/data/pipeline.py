@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class ImageSource(Protocol):
+    labels: np.ndarray  # the label of every item, in order
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, key: int) -> tuple[np.ndarray, np.int32, np.int64]: ...
@@ -98,6 +100,22 @@ class ImageData:
             for split, source in self.sources.items()
             for key, value in ((f"{split}_items", len(source)), (f"{split}_sha256", source.fingerprint()))
         }
+
+    def class_counts(self) -> dict[str, list[int]]:
+        """Images per class (in label order) of each split."""
+        return {
+            split: np.bincount(np.asarray(source.labels), minlength=self.num_classes).tolist()
+            for split, source in self.sources.items()
+        }
+
+    def classes_missing_from_val(self) -> list[str]:
+        """Classes the train split has and the val split lacks: their accuracy is never measured."""
+        counts = self.class_counts()
+        return [
+            name
+            for name, train, val in zip(self.class_names, counts["train"], counts["val"], strict=True)
+            if train and not val
+        ]
 
     def num_samples(self, split: str) -> int:
         return len(self.sources[split])

@@ -78,9 +78,12 @@ def is_training_state(meta: dict[str, Any]) -> bool:
     return "global_step" in meta and "rng_state" in meta
 
 
-def latest_training_state(directory: Path) -> tuple[Path | None, list[str]]:
+def latest_training_state(
+    directory: Path,
+) -> tuple[Path | None, tuple[dict[str, Parameter], dict[str, Any]] | None, list[str]]:
     """The newest intact training-state checkpoint in ``directory`` (most optimizer steps; ``last.ckpt`` first
-    among equals), and why each newer file was passed over (unreadable, or weights failing their checksum)."""
+    among equals), its (tensors, metadata) as read, and why each newer file was passed over (unreadable, or
+    weights failing their checksum)."""
     found, problems = [], []
     for path in Path(directory).glob("*.ckpt"):
         if path.name.startswith("."):  # an unfinished write
@@ -94,12 +97,12 @@ def latest_training_state(directory: Path) -> tuple[Path | None, list[str]]:
             found.append((int(meta["global_step"]), path.name == "last.ckpt", path))
     for _, _, path in sorted(found, reverse=True):
         try:
-            read_checkpoint(path)  # reads every tensor, checks the checksum
+            content = read_checkpoint(path)  # reads every tensor, checks the checksum
         except ValueError as err:
             problems.append(str(err))
             continue
-        return path, problems
-    return None, problems
+        return path, content, problems
+    return None, None, problems
 
 
 def load_checkpoint(path: str | Path, network: nn.Cell) -> dict[str, Any]:
@@ -121,19 +124,10 @@ def load_checkpoint(path: str | Path, network: nn.Cell) -> dict[str, Any]:
     return meta
 
 
-def restore_parameters(targets: dict[str, Parameter], params: dict[str, Parameter], path: Path) -> None:
-    """Copy the values named in ``targets`` from a checkpoint's ``params``; all must be there, same shapes."""
-    missing = sorted(name for name in targets if name not in params)
-    if missing:
-        raise ValueError(
-            f"checkpoint {path} lacks training state {missing[:3]} ({len(missing)} entries): "
-            "it was not written by a training run of this configuration (e.g. a best.ckpt)"
-        )
+def restore_parameters(targets: dict[str, Parameter], params: dict[str, Parameter]) -> None:
+    """Copy the values named in ``targets`` from a checkpoint's ``params`` (checked to fit beforehand)."""
     for name, target in targets.items():
-        value = params[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"checkpoint {path}: {name} has shape {value.shape}, the run expects {target.shape}")
-        ops.assign(target, Tensor(value.asnumpy()))  # in place: set_data would detach it from compiled graphs
+        ops.assign(target, Tensor(params[name].asnumpy()))  # in place: set_data would detach it from compiled graphs
 
 
 def named_parameters(weights: nn.Cell | dict[str, Parameter]) -> dict[str, Parameter]:

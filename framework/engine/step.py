@@ -13,18 +13,22 @@ recipes acts in one place, on CPU as on GPU/Ascend:
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import ParameterTuple, Tensor, amp
 from mindspore.communication import get_group_size
-
-from framework.paths import PROJECT_ROOT
+from mindspore.rewrite.common import namespace
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -97,11 +101,11 @@ class _StepCell(nn.Cell):
         if not self.update:  # an accumulation micro-step; a non-finite loss adds nothing
             finite = amp.all_finite(grads) if self.scaled else ops.isfinite(local_loss)
             if finite:
-                for total, grad in zip(self.accumulated, grads):
+                for total, grad in zip(self.accumulated, grads):  # noqa: B905 (compiled by MindSpore, whose graph syntax has no zip keywords)
                     ops.assign_add(total, grad)
             return loss, finite
         if self.accumulate:
-            grads = tuple((total + grad) / self.accumulation_steps for total, grad in zip(self.accumulated, grads))
+            grads = tuple((total + grad) / self.accumulation_steps for total, grad in zip(self.accumulated, grads))  # noqa: B905 (compiled by MindSpore, whose graph syntax has no zip keywords)
             for total in self.accumulated:
                 ops.assign(total, ops.zeros_like(total))
         if self.reduce:
@@ -178,7 +182,7 @@ class EMA:
 
         @ms.jit
         def update() -> Tensor:
-            for average, value in zip(shadow, params):
+            for average, value in zip(shadow, params):  # noqa: B905 (compiled by MindSpore, whose graph syntax has no zip keywords)
                 ops.assign(average, average * decay + value * (1.0 - decay))
             return ops.ones((), ms.float32)
 
@@ -188,12 +192,12 @@ class EMA:
     def swapped_in(self) -> Iterator[None]:
         """Within the block the network holds the EMA weights; its own weights come back afterwards."""
         saved = [Tensor(p.asnumpy()) for p in self.params]
-        for param, average in zip(self.params, self.shadow):
+        for param, average in zip(self.params, self.shadow, strict=True):
             ops.assign(param, average)  # in place: set_data would detach the weights from compiled graphs
         try:
             yield
         finally:
-            for param, value in zip(self.params, saved):
+            for param, value in zip(self.params, saved, strict=True):
                 ops.assign(param, value)
 
 
@@ -204,12 +208,23 @@ def apply_amp(network: nn.Cell, amp_level: str) -> nn.Cell:
     if amp_level == "O0":
         return network
     # MindSpore's AMP rewrite parses the source of every function the network calls, except "third-party" ones,
-    # and counts as the user's own code everything under the working directory: with a virtual environment
-    # inside the project (.venv/), MindSpore's own functions, which it cannot parse, would be. Its working
-    # directory is this package's folder while it rewrites, so only our code is ours.
+    # counts as the user's own code everything under the working directory (with a virtual environment inside the
+    # project, .venv/, MindSpore's own functions, which it cannot parse, would be), and writes the rewritten
+    # classes to ./rewritten_network/. It runs in a private temporary folder: nothing is written into the project
+    # or the user's folder, and our package counts as the user's code wherever it is installed.
     previous = os.getcwd()
-    os.chdir(PROJECT_ROOT / "framework")
+    os.chdir(_rewrite_workspace())
     try:
         return amp.auto_mixed_precision(network, amp_level)
     finally:
         os.chdir(previous)
+
+
+@functools.cache
+def _rewrite_workspace() -> str:
+    """A folder for MindSpore's rewritten classes, kept while the process runs (compiling reads their source)."""
+    path = tempfile.mkdtemp(prefix="framework-amp-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    package = str(Path(__file__).resolve().parents[1])
+    namespace._ignore_third_party_paths.append(package)  # no public setter (MindSpore 2.7-2.8)
+    return path

@@ -1,7 +1,7 @@
 """Training loop (``engine/`` configs): per-step lr, eval every N epochs, checkpoints, exact resume.
 
 One epoch = ``steps_per_epoch`` micro-batches; the optimizer updates every ``accumulation_steps`` of
-them and the lr schedule has one value per update. ``last.ckpt`` (every epoch, and every
+them and the lr schedule has one value per update, set before it. ``last.ckpt`` (every epoch, and every
 ``checkpoint_every_n_steps`` updates) holds the whole training state, so ``resume`` continues where
 it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG and data position.
 
@@ -15,6 +15,7 @@ averaged in the step, validation is sharded and summed over ranks; only rank 0 l
 
 from __future__ import annotations
 
+import signal
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -28,13 +29,14 @@ from mindspore import Parameter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from framework.data.pipeline import ImageData
-from framework.engine.checkpoint import read_checkpoint, restore_parameters, save_checkpoint
+from framework.engine.checkpoint import restore_parameters, save_checkpoint
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
 from framework.engine.observers import EarlyStopping, Observer, Stop
 from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
 from framework.launch.distributed import SINGLE_PROCESS, World
-from framework.launch.signals import deferred_stop, stop_requested
+from framework.launch.signals import Interrupted, deferred_stop, signal_name, stop_requested
+from framework.optim.schedules import Schedule, UpdateLr
 from framework.tracking import MlflowRun
 
 _FLOAT_TYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
@@ -56,6 +58,39 @@ class FitResult:
     @property
     def last(self) -> dict[str, float] | None:
         return self.history[-1] if self.history else None
+
+
+@dataclass
+class Prepared:
+    """What training runs on, built before any MLflow run opens: the network (cast for AMP), its compiled
+    step, the EMA weights, the optimizer's lr and the training state that checkpoints hold, by name."""
+
+    network: nn.Cell
+    step: TrainStep
+    ema: EMA | None
+    update_lr: UpdateLr
+    state: dict[str, Parameter]
+
+
+@dataclass
+class TrainingState:
+    """A training-state checkpoint as read (every tensor checked against its checksum): tensors and metadata."""
+
+    params: dict[str, Parameter]
+    meta: dict[str, Any]
+
+    @property
+    def micro_steps(self) -> int:
+        return int(self.meta["global_step"])
+
+    def mismatch(self, state: dict[str, Parameter]) -> str | None:
+        """Why these tensors cannot be this run's state (the first missing tensor or differing shape), or None."""
+        for name, target in state.items():
+            if name not in self.params:
+                return f"it lacks {name} (and {sum(n not in self.params for n in state) - 1} more of this run's state)"
+            if tuple(self.params[name].shape) != tuple(target.shape):
+                return f"{name} has shape {tuple(self.params[name].shape)} there, {tuple(target.shape)} in this run"
+        return None
 
 
 class Trainer:
@@ -114,6 +149,27 @@ class Trainer:
         """Optimizer updates per epoch: the length of one epoch of the lr schedule."""
         return self.steps_per_epoch(batches_per_epoch) // self.accumulation_steps
 
+    def prepare(
+        self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer, world: World = SINGLE_PROCESS
+    ) -> Prepared:
+        """Everything ``fit`` trains with; the optimizer's lr must be an ``UpdateLr`` (set per update)."""
+        update_lr = optimizer.learning_rate
+        if not isinstance(update_lr, UpdateLr):
+            raise TypeError("the optimizer's learning_rate must be an UpdateLr, which the trainer sets per update")
+        network, step = self.train_step(network, loss_fn, optimizer, world)
+        ema = EMA(network, self.ema_decay) if self.ema_decay else None
+        return Prepared(network, step, ema, update_lr, _training_state(network, optimizer, step, ema))
+
+    def ended(self, resume: TrainingState, steps_per_epoch: int) -> str | None:
+        """Why a run resumed from ``resume`` has nothing left to do (all epochs trained, or stopped early)."""
+        stopped = resume.meta.get("stopped")
+        if stopped:
+            return f"training ended early after epoch {stopped['epoch']} ({stopped['reason']})"
+        if resume.micro_steps >= self.epochs * steps_per_epoch:
+            epochs = resume.micro_steps // steps_per_epoch
+            return f"it has trained all {epochs} epochs (engine.epochs={self.epochs})"
+        return None
+
     def train_step(
         self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer, world: World = SINGLE_PROCESS
     ) -> tuple[nn.Cell, TrainStep]:
@@ -133,37 +189,32 @@ class Trainer:
 
     def fit(
         self,
-        network: nn.Cell,
-        loss_fn: nn.Cell,
-        optimizer: nn.Optimizer,
-        lr_per_update: np.ndarray,
+        prepared: Prepared,
+        schedule: Schedule,
         data: ImageData,
         run: MlflowRun | None,
         checkpoint_dir: Path,
         checkpoint_meta: dict[str, Any],
-        resume_from: Path | None = None,
+        resume: TrainingState | None = None,
         world: World = SINGLE_PROCESS,
         observers: tuple[Observer, ...] = (),
     ) -> FitResult:
-        """Train (from the training state in ``resume_from`` if given), logging to ``run`` (None: don't log).
+        """Train (from the training state ``resume`` if given), logging to ``run`` (None: don't log).
 
-        ``observers`` (and ``early_stopping``) hear each evaluation and may end training after it.
-        Over several ranks each trains on its data shard; only the main rank writes checkpoints.
+        The optimizer's learning rate is set to ``schedule[update]`` before each update. ``observers`` (and
+        ``early_stopping``) hear each evaluation and may end training after it. Over several ranks each
+        trains on its data shard; only the main rank writes checkpoints.
         """
         steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch(world.size))
-        network, step = self.train_step(network, loss_fn, optimizer, world)
-        ema = EMA(network, self.ema_decay) if self.ema_decay else None
-        state = _training_state(network, optimizer, step, ema)
+        network, step, ema, update_lr, state = (
+            prepared.network, prepared.step, prepared.ema, prepared.update_lr, prepared.state
+        )  # fmt: skip
         running_statistics = _running_statistics(network, ema)
         result, done = FitResult(), 0
-        if resume_from is not None:
-            done = self._resume(resume_from, state, result)
-            if result.stopped is not None:
-                print(
-                    f"training had ended at epoch {result.stopped['epoch']} ({result.stopped['reason']}): nothing to do"
-                )
+        if resume is not None:
+            done = self._resume(resume, state, result)
+            if self.ended(resume, steps_per_epoch):  # the train task says so before it opens the run
                 return result
-            print(f"resumed from {resume_from} at step {done} (epoch {done // steps_per_epoch + 1})")
         step.micro_step = done
         skipped = nonfinite = 0  # updates skipped by the loss scaler; consecutive steps with a NaN/Inf loss
         observers = (self.early_stopping, *observers) if self.early_stopping is not None else observers
@@ -179,11 +230,12 @@ class Trainer:
                 loader = loader.take(steps_per_epoch).skip(done % steps_per_epoch)
                 images_seen, timed_since = 0, None
                 for images, labels in loader.create_tuple_iterator(num_epochs=1):
+                    lr = float(schedule[done // self.accumulation_steps])  # the update this micro-batch is part of
+                    update_lr.set(lr)
                     loss, finite = step(images, labels)
                     loss, finite = float(loss.asnumpy()), bool(finite.asnumpy())
                     done = step.micro_step
                     updated = done % self.accumulation_steps == 0  # this micro-batch ended an accumulation
-                    lr = float(lr_per_update[(done - 1) // self.accumulation_steps])
                     metrics = {"train_loss": loss, "lr": lr}
                     if updated:
                         if ema is not None and finite:
@@ -207,7 +259,8 @@ class Trainer:
                     every = self.checkpoint_every_n_steps
                     mid_epoch = done % steps_per_epoch != 0  # the epoch's end has its own checkpoint
                     periodic = updated and every and updates % every == 0 and mid_epoch
-                    stopping = stop_requested() and mid_epoch
+                    # a stop waits for the end of an accumulation: its partial gradient sum is not saved
+                    stopping = stop_requested() and mid_epoch and updated
                     if (periodic or stopping) and world.is_main and not nonfinite:  # no state from a bad streak
                         self._save_state(
                             state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result,
@@ -215,7 +268,7 @@ class Trainer:
                         )  # fmt: skip
                         _deliver_metrics(run, done)
                     if stopping:
-                        raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
+                        raise Interrupted(self._stopped_message(done, epoch, result), stop_requested())
                 world.average(running_statistics)  # same BatchNorm statistics on every rank, as timm's distribute_bn
                 epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
                 evaluated = epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs
@@ -243,7 +296,7 @@ class Trainer:
                     )
                     break
                 if stop_requested() and epoch < self.epochs:  # after the last epoch the run is simply done
-                    raise KeyboardInterrupt(self._stopped_message(done, epoch, result))
+                    raise Interrupted(self._stopped_message(done, epoch, result), stop_requested())
         return result
 
     def _diverged_message(self, loss: float, count: int, done: int, epoch: int, result: FitResult) -> str:
@@ -257,8 +310,8 @@ class Trainer:
 
     @staticmethod
     def _stopped_message(done: int, epoch: int, result: FitResult) -> str:
-        saved = result.checkpoints.get("last")
-        return f"stopped by {stop_requested()} at step {done} (epoch {epoch}); training state saved in {saved}"
+        saved, signum = result.checkpoints.get("last"), stop_requested() or signal.SIGTERM
+        return f"stopped by {signal_name(signum)} at step {done} (epoch {epoch}); training state saved in {saved}"
 
     def _evaluated_weights(self, ema: EMA | None) -> AbstractContextManager[None]:
         """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
@@ -330,15 +383,15 @@ class Trainer:
         periodic = self.checkpoint_every_n_epochs and epoch % self.checkpoint_every_n_epochs == 0
         self._save_state(state, directory, meta, epoch, done, result, f"epoch_{epoch:04d}" if periodic else None)
 
-    def _resume(self, path: Path, state: dict[str, Parameter], result: FitResult) -> int:
-        """Restore the training state saved in ``path``; returns the number of micro-steps already done."""
-        params, meta = read_checkpoint(path)
-        restore_parameters(state, params, path)
-        ms.set_rng_state(ms.Tensor(np.asarray(meta["rng_state"], np.uint8)))
-        result.history = list(meta.get("history", []))
-        result.best = meta.get("best")
-        result.stopped = meta.get("stopped")
-        return int(meta["global_step"])
+    @staticmethod
+    def _resume(resume: TrainingState, state: dict[str, Parameter], result: FitResult) -> int:
+        """Restore the training state ``resume``; returns the number of micro-steps already done."""
+        restore_parameters(state, resume.params)
+        ms.set_rng_state(ms.Tensor(np.asarray(resume.meta["rng_state"], np.uint8)))
+        result.history = list(resume.meta.get("history", []))
+        result.best = resume.meta.get("best")
+        result.stopped = resume.meta.get("stopped")
+        return resume.micro_steps
 
 
 def _stop_decision(
@@ -366,9 +419,11 @@ def _deliver_metrics(run: MlflowRun | None, done: int) -> None:
 def _training_state(
     network: nn.Cell, optimizer: nn.Optimizer, step: TrainStep, ema: EMA | None
 ) -> dict[str, Parameter]:
-    """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA."""
+    """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA.
+
+    The current lr is not in it: the trainer sets it from the schedule before every update."""
     state = {p.name: p for p in network.get_parameters()}
-    state.update({p.name: p for p in optimizer.get_parameters()})
+    state.update({p.name: p for p in optimizer.get_parameters() if p is not optimizer.learning_rate.value})
     scaler = vars(step.loss_scaler) if step.loss_scaler is not None else {}
     state.update({f"loss_scaler.{k}": v for k, v in scaler.items() if isinstance(v, Parameter)})
     if ema is not None:
@@ -383,7 +438,7 @@ def _running_statistics(network: nn.Cell, ema: EMA | None) -> list[Parameter]:
     """
     params = list(network.get_parameters())
     shadows = list(ema.shadow) if ema is not None else [None] * len(params)
-    buffers = [(p, s) for p, s in zip(params, shadows) if not p.requires_grad and p.dtype in _FLOAT_TYPES]
+    buffers = [(p, s) for p, s in zip(params, shadows, strict=True) if not p.requires_grad and p.dtype in _FLOAT_TYPES]
     return [p for p, _ in buffers] + [s for _, s in buffers if s is not None]
 
 

@@ -47,7 +47,7 @@ class World:
         values = [p.asnumpy() for p in parameters]
         mean = self.all_reduce_sum(np.concatenate([v.astype(np.float32).ravel() for v in values])) / self.size
         offset = 0
-        for param, value in zip(parameters, values):
+        for param, value in zip(parameters, values, strict=True):
             part = mean[offset : offset + value.size].reshape(value.shape).astype(value.dtype)
             ops.assign(param, ms.Tensor(part))  # in place: set_data would detach it from compiled graphs
             offset += value.size

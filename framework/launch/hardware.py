@@ -10,6 +10,7 @@ import mindspore as ms
 import mindspore.dataset as ds
 import numpy as np
 
+from framework.config import ConfigError
 from framework.launch.distributed import World, init_world, is_msrun_process
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -54,6 +55,17 @@ class Hardware:
         if self.master_port is not None and not 1024 <= self.master_port <= 65535:
             raise ValueError(f"hardware.master_port={self.master_port} must be in 1024..65535")
 
+    def check_available(self) -> None:
+        """Refuse, before anything runs, a device target this MindSpore build cannot use (a GPU on a CPU build)."""
+        if self.device_target == "CPU":
+            return
+        if not ms.hal.is_available(self.device_target):
+            raise ConfigError(
+                f"hardware.device_target={self.device_target}: this MindSpore build ({ms.__version__}) cannot use "
+                f"{self.device_target} devices on this machine. Fix: hardware=cpu (or cpu2), or install MindSpore "
+                f"for {self.device_target} where the devices are"
+            )
+
     @property
     def world_size(self) -> int:
         """Processes in the whole job: devices per node × nodes."""
@@ -75,7 +87,7 @@ class Hardware:
             if "runtime has been initialized" in str(err) and ms.get_context("device_target") == self.device_target:
                 pass
             else:
-                raise RuntimeError(
+                raise ConfigError(
                     f"MindSpore cannot use device_target={self.device_target} here: {str(err).splitlines()[0]} "
                     "Pick a hardware config this machine has, e.g. hardware=cpu."
                 ) from err

@@ -21,6 +21,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from framework.launch.hardware import Hardware
+from framework.launch.signals import Interrupted, signal_name
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowTracker
 
@@ -75,18 +76,20 @@ def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: M
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # msrun starts each worker as `python` from PATH: make that this interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # an earlier job's record in this folder names its run: only this job's rank 0 may name one
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
     process = subprocess.Popen(command, env=env)
 
     def stop(signum: int, frame: FrameType | None) -> None:  # msrun stops its workers on SIGINT
         process.send_signal(signal.SIGINT)
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+        raise Interrupted(f"stopped by {signal_name(signum)}", signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
-    interrupted = False
+    interrupted, signum = False, signal.SIGINT
     try:
         returncode = process.wait()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as err:  # Ctrl-C here (no MindSpore graph runs in this process), or SIGTERM
+        interrupted, signum = True, getattr(err, "signum", signal.SIGINT)
         returncode = process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -96,7 +99,7 @@ def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: M
     if hardware.node_rank == 0 or "mlflow_run_id" in result:
         _file_job_into_run(tracker, result.get("mlflow_run_id"), run_dir, returncode, interrupted)
     if interrupted:
-        raise KeyboardInterrupt("data-parallel job interrupted; its workers were stopped")
+        raise Interrupted(f"data-parallel job stopped by {signal_name(signum)}; its workers were stopped", signum)
     if returncode != 0:
         raise JobFailed(
             f"data-parallel job failed (msrun exit status {returncode}){_worker_errors(run_dir)}; "

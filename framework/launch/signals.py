@@ -1,8 +1,10 @@
-"""Stop signals: Ctrl-C and SIGTERM both end a job through ``KeyboardInterrupt``.
+"""Stop signals: Ctrl-C (SIGINT) and SIGTERM both end a job through ``Interrupted``, which names the signal.
 
-MindSpore's runtime replaces the SIGINT handler when it runs a graph; its handler answers Ctrl-C by
-sending the process SIGTERM, which would otherwise kill it on the spot (no cleanup, MLflow run left
-RUNNING). Turning SIGTERM into ``KeyboardInterrupt`` gives both signals the same orderly path.
+MindSpore's runtime replaces the SIGINT handler while it runs a graph; its handler answers Ctrl-C by sending
+the process SIGTERM, which would otherwise kill it on the spot (no cleanup, MLflow run left RUNNING), and
+which looks like a SIGTERM from outside. So within ``stop_signals_interrupt`` SIGTERM raises too, and a small
+sentinel process in the same process group hears the Ctrl-C the terminal sends to the whole group: a SIGTERM
+that arrives with it is reported as what the user did, SIGINT (exit status 130; a real SIGTERM: 143).
 
 Inside ``deferred_stop`` (the single-process training loop) the first signal is only recorded: the loop
 finishes its step, saves its state and then stops (``stop_requested``). A second signal stops at once.
@@ -10,38 +12,92 @@ finishes its step, saves its state and then stops (``stop_requested``). A second
 
 from __future__ import annotations
 
+import select
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# The sentinel writes one byte per SIGINT its process group receives, until this process closes its stdin.
+_SENTINEL = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGINT, lambda signum, frame: os.write(1, b'I'))\n"
+    "sys.stdin.buffer.read()\n"
+)
+_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The job was stopped by a signal; ``exit_status`` is the shell's convention (128 + signal number)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_status(err: KeyboardInterrupt) -> int:
+    """130 after SIGINT (and Python's own Ctrl-C), 143 after SIGTERM."""
+    return 128 + int(getattr(err, "signum", signal.SIGINT))
+
 
 class _StopState:
     deferring = False
-    requested: str | None = None  # name of the signal that asked to stop
+    requested: int | None = None  # the signal that asked to stop
+    sentinel: subprocess.Popen | None = None
 
 
 _state = _StopState()
 
 
+def signal_name(signum: int) -> str:
+    return _NAMES.get(signal.Signals(signum), signal.Signals(signum).name)
+
+
+def _received(signum: int) -> int:
+    """The signal the user sent: a SIGTERM that came with a Ctrl-C to the process group was MindSpore's."""
+    sentinel = _state.sentinel
+    if sentinel is None or sentinel.stdout is None:
+        return signum
+    # the Ctrl-C reached both processes at once; a SIGINT seen here directly is read off too, so that it
+    # is not taken for the cause of a later SIGTERM
+    ready, _, _ = select.select([sentinel.stdout], [], [], 0.2 if signum == signal.SIGTERM else 0.05)
+    if ready and sentinel.stdout.read1(64):
+        return signal.SIGINT
+    return signum
+
+
 def raise_interrupt(signum: int, frame: object) -> None:
-    """Signal handler: end the job through ``KeyboardInterrupt`` (or, while deferring, ask the loop to stop)."""
-    name = signal.Signals(signum).name
+    """Signal handler: end the job through ``Interrupted`` (or, while deferring, ask the loop to stop)."""
+    signum = _received(signum)
     if _state.deferring and _state.requested is None:
-        _state.requested = name
-        print(f"{name}: stopping after this step with a checkpoint (send it again to stop at once)", file=sys.stderr)
+        _state.requested = signum
+        print(
+            f"{signal_name(signum)}: stopping after this step with a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+        )
         return
-    raise KeyboardInterrupt(f"stopped by {name}")
+    raise Interrupted(f"stopped by {signal_name(signum)}", signum)
 
 
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
-    """While the block runs, SIGTERM (and so Ctrl-C under MindSpore) raises ``KeyboardInterrupt``."""
+    """While the block runs, SIGTERM (and so Ctrl-C under MindSpore) raises ``Interrupted``."""
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    started = _state.sentinel is None
+    if started:
+        _state.sentinel = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _SENTINEL], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if started and _state.sentinel is not None:
+            sentinel, _state.sentinel = _state.sentinel, None
+            sentinel.stdin.close()  # it reads to the end of its input, then exits
+            sentinel.wait(timeout=10)
+            sentinel.stdout.close()
 
 
 @contextmanager
@@ -57,6 +113,21 @@ def deferred_stop() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous[1])
 
 
-def stop_requested() -> str | None:
-    """The signal (``'SIGTERM'``) that asked the deferring loop to stop, or None."""
+def stop_requested() -> int | None:
+    """The signal (``signal.SIGTERM``, ...) that asked the deferring loop to stop, or None."""
     return _state.requested
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM wait: a short step that must not be cut in half (asking a study for a
+    trial and recording who asked) finishes, then the signal reaches the handlers there were before."""
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda s, f: received.append(s)) for signum in _NAMES}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])

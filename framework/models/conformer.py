@@ -17,6 +17,8 @@ fusion_block,squeeze_block,expand_block,trans_block}``, ``cls_token``, ``trans_n
 
 from __future__ import annotations
 
+import math
+
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal, initializer
 
@@ -237,6 +239,17 @@ class Conformer(nn.Cell):
     heads. While training, ``construct`` returns ``(conv_logits, trans_logits)`` (loss: the sum of their
     cross-entropies, weights ``head_loss_weights``); in evaluation it returns their sum.
     """
+
+    reduction = 32  # input pixels per pixel of the last feature map
+
+    @staticmethod
+    def image_size_error(size: int) -> str | None:
+        """The CNN branch (stride 4, then 4 more) and the patch tokens must tile the same grid."""
+        if math.ceil(size / 4) % 4:
+            return (
+                "needs an image size that is a multiple of 16 (e.g. 32, 224): its CNN and transformer grids must match"
+            )
+        return None
 
     def __init__(
         self,

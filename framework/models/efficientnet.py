@@ -104,6 +104,8 @@ class InvertedResidual(nn.Cell):
 class EfficientNet(nn.Cell):
     """Stem → seven MBConv stages → 1×1 head conv → pooled classifier."""
 
+    reduction = 32  # input pixels per pixel of the last feature map
+
     def __init__(
         self,
         width_mult: float,
@@ -121,7 +123,7 @@ class EfficientNet(nn.Cell):
         repeats = [math.ceil(stage[1] * depth_mult) for stage in B0_STAGES]
         total_blocks, block_idx, in_ch = sum(repeats), 0, stem_ch
         stages = []
-        for (kind, _, kernel, stride, expansion, out_ch), depth in zip(B0_STAGES, repeats):
+        for (kind, _, kernel, stride, expansion, out_ch), depth in zip(B0_STAGES, repeats, strict=True):
             out_ch = make_divisible(out_ch * width_mult)
             blocks = []
             for i in range(depth):

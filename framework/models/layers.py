@@ -42,8 +42,8 @@ class StemMaxPool(nn.Cell):
     Zero padding then unpadded pooling gives the same maximum as padding with -inf when inputs are
     non-negative, and exports to ONNX; ``nn.MaxPool2d(pad_mode="pad")`` lowers to MaxPool3DWithArgmax,
     which MindSpore 2.8's ONNX exporter refuses. The zero border is concatenated: MindSpore's CPU ``Pad``
-    kernel made this layer ~5 % of ResNeXt-50's step, concatenation a quarter of that. ONNX export sets
-    ``concat_border = False`` (``tasks.export.onnx_exportable``): the traced concatenation would fix the batch size.
+    kernel made this layer ~5 % of ResNeXt-50's step, concatenation a quarter of that. Export sets
+    ``concat_border = False`` (``tasks.export.exportable``): the traced concatenation would fix the batch size.
     """
 
     def __init__(self) -> None:

@@ -260,6 +260,12 @@ class NASNetAMobile(nn.Cell):
     which needs thousands of steps to settle; short runs want a smaller value.
     """
 
+    reduction = 32  # input pixels per pixel of the last feature map
+
+    @staticmethod
+    def image_size_error(size: int) -> str | None:
+        return "needs images of at least 3 px (its stem convolution has no padding)" if size < 3 else None
+
     def __init__(
         self,
         num_classes: int = 1000,

@@ -149,6 +149,8 @@ class DeepQuadStem(nn.Cell):
 class NFNet(nn.Cell):
     """Four-conv "deep quad" stem (stride 4), four stages of NF blocks, 1×1 final conv, pooled classifier."""
 
+    reduction = 32  # input pixels per pixel of the last feature map
+
     def __init__(
         self,
         depths: tuple[int, int, int, int],
@@ -164,7 +166,7 @@ class NFNet(nn.Cell):
         rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(depths)), 0, 128
         expected_var = 1.0
         stages = []
-        for stage_idx, (depth, out_ch) in enumerate(zip(depths, STAGE_CHANNELS)):
+        for stage_idx, (depth, out_ch) in enumerate(zip(depths, STAGE_CHANNELS, strict=True)):
             blocks = []
             for i in range(depth):
                 stride = 2 if i == 0 and stage_idx > 0 else 1

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import ast
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import mindspore.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Cell]] = {}
+_SETTABLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def register_model(fn: Callable[..., nn.Cell]) -> Callable[..., nn.Cell]:
-    """Register a builder under its function name (e.g. ``resnext50_32x4d``)."""
+    """Register a builder under its function name (e.g. ``resnext50_32x4d``); its return annotation names the
+    model class, whose keyword parameters are the settings a config may give it."""
     if fn.__name__ in _MODELS:
         raise ValueError(f"model '{fn.__name__}' is registered twice")
     _MODELS[fn.__name__] = fn
@@ -21,8 +28,65 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> nn.Cell:
-    """Build a registered model, e.g. ``create_model('resnext50_32x4d', num_classes=10)``."""
+def _builder(name: str) -> Callable[..., nn.Cell]:
     if name not in _MODELS:
         raise ValueError(f"unknown model '{name}' (model.name); registered models: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    return _MODELS[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Cell:
+    """Build a registered model, e.g. ``create_model('resnext50_32x4d', num_classes=10)``."""
+    return _builder(name)(**kwargs)
+
+
+def _fixed_by(builder: Callable[..., nn.Cell]) -> set[str]:
+    """Keywords a builder passes itself (``cardinality=32`` in ``resnext50_32x4d``): not settings of the model."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(builder)))
+    return {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call) for kw in node.keywords if kw.arg}
+
+
+def model_class(name: str) -> type:
+    """The class a registered builder makes (its return annotation)."""
+    return typing.get_type_hints(_builder(name))["return"]
+
+
+def image_size_problems(name: str, size: int) -> tuple[str | None, str | None]:
+    """(why model ``name`` cannot run on ``size`` px images, why it would run poorly), each None when fine.
+
+    Below its ``reduction`` (the input pixels per pixel of its last feature map) a model's last stages see
+    less than one pixel: it runs, but on padding more than on the image."""
+    cls = model_class(name)
+    rule = getattr(cls, "image_size_error", None)
+    error = rule(size) if rule is not None else None
+    reduction = getattr(cls, "reduction", 1)
+    warning = None
+    if size < reduction:
+        warning = (
+            f"downsamples by {reduction}: at {size} px its last stages see less than one pixel of the image "
+            f"(it trains, but poorly); {reduction} px or more suits it"
+        )
+    return error, warning
+
+
+def model_schema(name: str) -> Callable[..., Any]:
+    """A signature-only function standing for ``create_model(name, ...)``: ``name`` and the model class's
+    keyword parameters with defaults, less those the builder sets itself."""
+    cls, fixed = model_class(name), _fixed_by(_builder(name))
+    hints = typing.get_type_hints(cls.__init__)
+    hints["num_classes"] = int | None  # null: the dataset's class count (tasks.common.build_model)
+    params = [inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=str)]
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.kind in _SETTABLE and param.default is not inspect.Parameter.empty and param.name not in fixed:
+            params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(param.name, Any)))
+
+    def schema(**kwargs: Any) -> None:
+        """Never called: its signature is the model config's schema."""
+
+    schema.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    schema.__annotations__ = {p.name: p.annotation for p in params}
+    schema.__qualname__ = f"{cls.__name__} (model.name={name})"
+    return schema
+
+
+# framework.config checks a `model` config against the model it names, not against create_model's **kwargs
+create_model.schema_of = lambda node: model_schema(str(node.get("name")))  # type: ignore[attr-defined]

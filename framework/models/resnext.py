@@ -76,6 +76,8 @@ class Bottleneck(nn.Cell):
 class ResNeXt(nn.Cell):
     """7×7 stem + max-pool, four stages of bottlenecks, global-pool classifier."""
 
+    reduction = 32  # input pixels per pixel of the last feature map
+
     def __init__(
         self,
         layers: tuple[int, int, int, int],
@@ -96,7 +98,7 @@ class ResNeXt(nn.Cell):
         self.maxpool = StemMaxPool()
         rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, stem_width
         stages = []
-        for stage_idx, (depth, planes) in enumerate(zip(layers, widths)):
+        for stage_idx, (depth, planes) in enumerate(zip(layers, widths, strict=True)):
             blocks = []
             for i in range(depth):
                 stride = 2 if i == 0 and stage_idx > 0 else 1

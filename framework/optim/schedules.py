@@ -1,35 +1,90 @@
-"""Learning-rate schedules (``scheduler/`` configs), evaluated per optimisation step.
+"""Learning-rate schedules (``scheduler/`` configs), one value per optimizer update.
 
-Each schedule returns one float32 value per step for the whole run; the optimizer takes the
-array as a dynamic learning rate and indexes it by its own global step, so the lr position is
-part of the optimizer state. Warmup is linear from ``warmup_lr`` to ``lr`` over ``warmup_epochs``
-(``cosine_annealing`` keeps its recipe's variant, see there). The recipe schedules reproduce the
-MindSpore model zoo (github.com/mindspore-ai/models) ``src/lr_generator.py`` of each seed recipe.
+Each schedule is a ``Schedule``: ``schedule[i]`` is the lr of update ``i`` (0-based), computed when asked from
+its formula, so nothing grows with the length of the run (``engine.epochs=1000000`` costs no memory). The train
+step reads the current value from ``UpdateLr``, which the trainer sets before each update. Warmup is linear from
+``warmup_lr`` to ``lr`` over ``warmup_epochs`` (``cosine_annealing`` keeps its recipe's variant, see there). The
+recipe schedules reproduce the MindSpore model zoo (github.com/mindspore-ai/models) ``src/lr_generator.py`` of
+each seed recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import mindspore as ms
+import mindspore.ops as ops
 import numpy as np
+from mindspore import Parameter, Tensor
+from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+Formula = Callable[[np.ndarray], np.ndarray]  # float64 lrs of an int64 array of update indices
+
+
+class Schedule:
+    """The lr of every optimizer update of a run, computed on demand: ``schedule[i]`` (a float32 scalar),
+    ``schedule[a:b]`` (an array), ``len(schedule)``; ``np.asarray(schedule)`` builds the whole run.
+
+    Values are the float64 formula rounded to float32, then multiplied by ``factor`` (lr scaling) in float32,
+    elementwise: one update's value is the same whether it is computed alone or with the whole run.
+    """
+
+    def __init__(self, formula: Formula, total: int, factor: float = 1.0) -> None:
+        self.formula, self.total, self.factor = formula, total, factor
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | np.float32:
+        if isinstance(index, slice):
+            return self.at(np.arange(*index.indices(self.total), dtype=np.int64))
+        position = index + self.total if index < 0 else index
+        if not 0 <= position < self.total:
+            raise IndexError(f"update {index} is outside the schedule's {self.total} updates")
+        return self.at(np.array([position], dtype=np.int64))[0]
+
+    def __array__(self, dtype: np.dtype | None = None) -> np.ndarray:
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+    def at(self, updates: np.ndarray) -> np.ndarray:
+        """The lrs of the given updates (an int64 array of indices), float32."""
+        values = np.asarray(self.formula(updates), dtype=np.float64).astype(np.float32)
+        return values if self.factor == 1.0 else (values * self.factor).astype(np.float32)
+
+    def scaled(self, factor: float) -> Schedule:
+        """The same schedule with every lr multiplied by ``factor`` (``lr_scaling``)."""
+        return Schedule(self.formula, self.total, self.factor * factor)
+
+
+class UpdateLr(LearningRateSchedule):
+    """The optimizer's learning rate: the value of the current update, which the trainer sets from the host
+    (``set``) before each step; the compiled step reads it, so its graph does not depend on the schedule."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.value = Parameter(Tensor(value, ms.float32), name="current_lr", requires_grad=False)
+
+    def construct(self, global_step: Tensor) -> Tensor:
+        return self.value
+
+    def set(self, value: float) -> None:
+        ops.assign(self.value, Tensor(value, ms.float32))  # in place: the compiled step keeps reading it
 
 
 def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total: int) -> int:
     return min(int(round(warmup_epochs * steps_per_epoch)), total)
 
 
-def _with_warmup(
-    decay: np.ndarray, lr: float, warmup_lr: float, warmup_epochs: float, steps_per_epoch: int
-) -> np.ndarray:
-    """Replace the first ``warmup_epochs`` of ``decay`` (per-step lr) by a linear ramp to ``lr``."""
-    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, len(decay))
-    if warmup_steps > 0:
-        decay[:warmup_steps] = warmup_lr + (lr - warmup_lr) * np.arange(warmup_steps) / warmup_steps
-    return decay.astype(np.float32)
+def _with_warmup(updates: np.ndarray, decay: np.ndarray, lr: float, warmup_lr: float, warmup_steps: int) -> np.ndarray:
+    """``decay`` (lr per update) with its first ``warmup_steps`` updates replaced by a linear ramp to ``lr``."""
+    if warmup_steps <= 0:
+        return decay
+    return np.where(updates < warmup_steps, warmup_lr + (lr - warmup_lr) * updates / warmup_steps, decay)
 
 
 def _require(ok: bool, key: str, rule: str, value: object) -> None:
@@ -54,13 +109,17 @@ def cosine(
     min_lr: float = 0.0,
     warmup_epochs: float = 0.0,
     warmup_lr: float = 0.0,
-) -> np.ndarray:
+) -> Schedule:
     """Cosine decay from ``lr`` to ``min_lr`` over the steps after warmup (Loshchilov & Hutter 2017)."""
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
-    progress = np.clip((np.arange(total) - warmup_steps) / max(total - warmup_steps, 1), 0.0, 1.0)
-    decay = min_lr + 0.5 * (lr - min_lr) * (1.0 + np.cos(np.pi * progress))
-    return _with_warmup(decay, lr, warmup_lr, warmup_epochs, steps_per_epoch)
+
+    def formula(updates: np.ndarray) -> np.ndarray:
+        progress = np.clip((updates - warmup_steps) / max(total - warmup_steps, 1), 0.0, 1.0)
+        decay = min_lr + 0.5 * (lr - min_lr) * (1.0 + np.cos(np.pi * progress))
+        return _with_warmup(updates, decay, lr, warmup_lr, warmup_steps)
+
+    return Schedule(formula, total)
 
 
 def multistep(
@@ -71,11 +130,17 @@ def multistep(
     gamma: float = 0.1,
     warmup_epochs: float = 0.0,
     warmup_lr: float = 0.0,
-) -> np.ndarray:
+) -> Schedule:
     """Multiply ``lr`` by ``gamma`` at each epoch in ``milestones`` (the ResNeXt recipe's ``lr_epochs``)."""
-    epoch_of_step = np.arange(epochs * steps_per_epoch) // steps_per_epoch
-    decay = lr * gamma ** np.searchsorted(np.asarray(sorted(milestones)), epoch_of_step, side="right")
-    return _with_warmup(decay.astype(np.float64), lr, warmup_lr, warmup_epochs, steps_per_epoch)
+    total = epochs * steps_per_epoch
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+    boundaries = np.asarray(sorted(milestones))
+
+    def formula(updates: np.ndarray) -> np.ndarray:
+        decay = lr * gamma ** np.searchsorted(boundaries, updates // steps_per_epoch, side="right")
+        return _with_warmup(updates, decay.astype(np.float64), lr, warmup_lr, warmup_steps)
+
+    return Schedule(formula, total)
 
 
 def cosine_annealing(
@@ -86,7 +151,7 @@ def cosine_annealing(
     eta_min: float = 0.0,
     warmup_epochs: float = 0.0,
     warmup_lr: float = 0.0,
-) -> np.ndarray:
+) -> Schedule:
     """ResNeXt50 recipe's ``lr_scheduler: cosine_annealing``.
 
     Reproduces ``warmup_cosine_annealing_lr`` in ``research/cv/ResNeXt/src/lr_generator.py``.
@@ -100,12 +165,15 @@ def cosine_annealing(
     _require(t_max > 0, "t_max", "> 0", t_max)
     _require(eta_min <= lr, "eta_min", f"<= scheduler.lr ({lr})", eta_min)
     total = epochs * steps_per_epoch
-    step = np.arange(total)
-    decay = eta_min + (lr - eta_min) * (1.0 + np.cos(np.pi * (step // steps_per_epoch) / t_max)) / 2
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
-    if warmup_steps > 0:
-        decay[:warmup_steps] = warmup_lr + (lr - warmup_lr) * (step[:warmup_steps] + 1) / warmup_steps
-    return decay.astype(np.float32)
+
+    def formula(updates: np.ndarray) -> np.ndarray:
+        decay = eta_min + (lr - eta_min) * (1.0 + np.cos(np.pi * (updates // steps_per_epoch) / t_max)) / 2
+        if warmup_steps <= 0:
+            return decay
+        return np.where(updates < warmup_steps, warmup_lr + (lr - warmup_lr) * (updates + 1) / warmup_steps, decay)
+
+    return Schedule(formula, total)
 
 
 def linear(
@@ -115,7 +183,7 @@ def linear(
     epochs: int,
     steps_per_epoch: int,
     warmup_epochs: float = 0.0,
-) -> np.ndarray:
+) -> Schedule:
     """EfficientNet-B2 recipe's ``lr_decay_mode: liner``: linear warmup to ``lr_max``, then linear decay to ``lr_end``.
 
     Reproduces the fallback branch of ``get_lr`` in ``official/cv/Efficientnet/efficientnet-b2/src/lr_generator.py``:
@@ -128,8 +196,12 @@ def linear(
     _require(lr_end <= lr_max, "lr_end", f"<= scheduler.lr_max ({lr_max})", lr_end)
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
-    decay = lr_max - (lr_max - lr_end) * (np.arange(total) - warmup_steps) / max(total - warmup_steps, 1)
-    return _with_warmup(decay, lr_max, lr_init, warmup_epochs, steps_per_epoch)
+
+    def formula(updates: np.ndarray) -> np.ndarray:
+        decay = lr_max - (lr_max - lr_end) * (updates - warmup_steps) / max(total - warmup_steps, 1)
+        return _with_warmup(updates, decay, lr_max, lr_init, warmup_steps)
+
+    return Schedule(formula, total)
 
 
 def exponential(
@@ -142,7 +214,7 @@ def exponential(
     min_lr: float = 0.0,
     warmup_epochs: float = 0.0,
     warmup_lr: float = 0.0,
-) -> np.ndarray:
+) -> Schedule:
     """NASNet-A-Mobile recipe's decay (``lr_decay_rate``, ``num_epoch_per_decay``), TF's ``exponential_decay``.
 
     Reproduces ``get_lr`` in ``research/cv/nasnet/src/lr_generator.py``: step ``i`` gets
@@ -154,25 +226,33 @@ def exponential(
     _require(0 < decay_rate <= 1, "decay_rate", "in (0, 1]", decay_rate)
     _require(decay_epochs > 0, "decay_epochs", "> 0", decay_epochs)
     _require(min_lr <= lr, "min_lr", f"<= scheduler.lr ({lr})", min_lr)
-    power = np.arange(epochs * steps_per_epoch) / (steps_per_epoch * decay_epochs)
-    if staircase:
-        power = np.floor(power)
-    decay = np.maximum(lr * decay_rate**power, min_lr)
-    return _with_warmup(decay, lr, warmup_lr, warmup_epochs, steps_per_epoch)
+    total = epochs * steps_per_epoch
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
+
+    def formula(updates: np.ndarray) -> np.ndarray:
+        power = updates / (steps_per_epoch * decay_epochs)
+        if staircase:
+            power = np.floor(power)
+        decay = np.maximum(lr * decay_rate**power, min_lr)
+        return _with_warmup(updates, decay, lr, warmup_lr, warmup_steps)
+
+    return Schedule(formula, total)
 
 
-def plot_schedule(lr_per_step: np.ndarray, steps_per_epoch: int, title: str) -> Figure:
-    """Line plot of lr against epoch (``step / steps_per_epoch``); log y when the positive lrs span > 2 decades.
+def plot_schedule(schedule: Schedule, steps_per_epoch: int, title: str, points: int = 4000) -> Figure:
+    """Line plot of lr against epoch (``update / steps_per_epoch``) at up to ``points`` evenly spaced updates
+    (every update of a shorter run); log y when the positive lrs span > 2 decades.
 
     Built on ``matplotlib.figure.Figure`` (no pyplot state, renders with Agg), e.g. for ``log_figure``.
     """
     from matplotlib.figure import Figure
 
     _require(steps_per_epoch > 0, "steps_per_epoch", "> 0", steps_per_epoch)
-    lr = np.asarray(lr_per_step)
+    updates = np.unique(np.linspace(0, len(schedule) - 1, min(points, len(schedule))).astype(np.int64))
+    lr = schedule.at(updates)
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(np.arange(lr.size) / steps_per_epoch, lr)
+    ax.plot(updates / steps_per_epoch, lr)
     positive = lr[lr > 0]
     if positive.size and positive.max() > 100 * positive.min():
         ax.set_yscale("log")

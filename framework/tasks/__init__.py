@@ -13,11 +13,13 @@ from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from framework.config import ConfigError, build
+from framework.config import ConfigError, build, command_line_problem
 from framework.data.folder import bad_image_message
 from framework.engine import FitResult
 from framework.engine.trainer import TrainingDiverged
 from framework.launch.msrun import JobFailed
+from framework.launch.signals import exit_status
+from framework.paths import PROJECT_ROOT
 from framework.tasks.benchmark import BenchmarkFailed
 from framework.tasks.common import run_tags
 from framework.tasks.export import ExportMismatch, ExportUnsupported
@@ -28,11 +30,21 @@ from framework.tracking.sweep import child_runs
 log = logging.getLogger(__name__)
 
 
+def check_command_line(argv: list[str] | None = None) -> None:
+    """Before Hydra runs: an override Hydra cannot compose (a mistyped group or key, a missing choice, bad
+    grammar) gets one line, with a "did you mean" where one is close (exit 2)."""
+    problem = command_line_problem(sys.argv[1:] if argv is None else argv, PROJECT_ROOT / "conf")
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run(cfg: DictConfig) -> Any:
     """Run the task the config selects (``task=train`` by default).
 
     A bad run spec exits with status 2, an unreadable image (``dataset.on_bad_image=error``) with 1,
-    a failed data-parallel worker with 1, an interrupt (Ctrl-C, SIGTERM) with 130, each with one line.
+    a failed data-parallel worker with 1, Ctrl-C with 130 and SIGTERM with 143 (as shells expect), each with
+    one line.
     In a sweep (``-m``) a trial returns its objective instead, and a failed trial does not stop the sweep.
     """
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -46,8 +58,8 @@ def run(cfg: DictConfig) -> Any:
         print(f"{kind}: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
     except KeyboardInterrupt as err:
-        print(f"interrupted ({err or 'Ctrl-C'}); the MLflow run is marked KILLED", file=sys.stderr)
-        sys.exit(130)
+        print(f"interrupted ({err or 'stopped by Ctrl-C (SIGINT)'}); the MLflow run is marked KILLED", file=sys.stderr)
+        sys.exit(exit_status(err))
 
 
 def error_message(err: BaseException) -> tuple[str, str | None]:

@@ -42,6 +42,7 @@ from rich.table import Table
 from framework.config import ConfigError, build
 from framework.engine.losses import HeadsLoss
 from framework.launch.signals import stop_signals_interrupt
+from framework.optim.schedules import UpdateLr
 from framework.tasks import benchmark_timm
 from framework.tasks.benchmark_timm import images_per_second, peak_rss_mb, seconds_since_process_start
 from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
@@ -269,12 +270,14 @@ def measure_mindspore(cfg: DictConfig, bench: Benchmark, work_dir: Path) -> dict
     labels = ms.Tensor(rng.integers(0, bench.num_classes, bench.batch_size, dtype=np.int32))
     network = build(cfg, "model", num_classes=bench.num_classes)
     steps_per_epoch = bench.warmup_steps + bench.steps * bench.rounds + 1
-    peak_lr = float(build(cfg, "scheduler", epochs=1, steps_per_epoch=steps_per_epoch).max())
-    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=peak_lr)
+    peak_lr = float(np.max(np.asarray(build(cfg, "scheduler", epochs=1, steps_per_epoch=steps_per_epoch))))
+    update_lr = UpdateLr(peak_lr)
+    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=update_lr)
     network, step = build(cfg, "engine").train_step(network, build(cfg, "loss"), optimizer)
     network.set_train(True)
 
-    def framework_step() -> None:  # as Trainer.fit: the loss and the finite flag come back to the host each step
+    def framework_step() -> None:  # as Trainer.fit: the lr set, the loss and the finite flag back to the host
+        update_lr.set(peak_lr)
         loss, finite = step(images, labels)
         float(loss.asnumpy()), bool(finite.asnumpy())
 
@@ -323,7 +326,7 @@ def hand_jit_loop(
     def forward(x: ms.Tensor, y: ms.Tensor) -> ms.Tensor:
         logits = network(x)
         if isinstance(logits, tuple):  # NASNet (aux head) and Conformer (two heads) train every head
-            return sum(w * loss_fn(head, y) for w, head in zip(weights, logits))
+            return sum(w * loss_fn(head, y) for w, head in zip(weights, logits))  # noqa: B905 (compiled by MindSpore, whose graph syntax has no zip keywords)
         return loss_fn(logits, y)
 
     grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)

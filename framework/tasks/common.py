@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
 from framework.engine.checkpoint import is_training_state, latest_training_state, load_checkpoint, read_checkpoint
+from framework.engine.trainer import TrainingState
 from framework.launch import Hardware
+from framework.models.registry import image_size_problems
 from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
 
@@ -25,21 +28,66 @@ console = Console()
 
 
 def prepare(cfg: DictConfig) -> Hardware:
-    """Check the run spec, print it as a tree, and build the hardware (``setup`` then selects device and seeds)."""
+    """Check the run spec, print it as a tree, and build the hardware (``setup`` then selects device and seeds).
+
+    Everything that can be checked without running is checked here, before any MLflow run exists: the config,
+    the device this MindSpore build can use, and a local MLflow store that can be written."""
     check_config(cfg)
     print_config(cfg)
-    return build(cfg, "hardware")
+    hardware = build(cfg, "hardware")
+    hardware.check_available()
+    build(cfg, "tracking").check_writable()
+    return hardware
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> Any:
-    """``cfg.model`` with a head for the dataset's ``num_classes``; ``model.num_classes: null`` takes that count."""
+    """``cfg.model`` with a head for the dataset's ``num_classes``; ``model.num_classes: null`` takes that count.
+
+    An image size the model cannot run on is refused; one it runs on poorly gets a warning."""
     configured = cfg.model.get("num_classes")
     if configured is not None and configured != num_classes:
         raise ConfigError(
             f"model.num_classes={configured} but the dataset has {num_classes} classes. "
             "Set model.num_classes to match (or null to follow the dataset)"
         )
+    sizes = {
+        "dataset.image_size": cfg.dataset.image_size,
+        "dataset.eval_image_size": cfg.dataset.get("eval_image_size"),
+    }
+    for key, size in sizes.items():
+        if size is None:
+            continue
+        error, warning = image_size_problems(str(cfg.model.name), int(size))
+        if error:
+            raise ConfigError(f"{key}={size}: {cfg.model.name} {error}. Fix: {key}=<such a size>")
+        if warning:
+            console.print(f"[yellow]warning: {key}={size}: {cfg.model.name} {warning}", highlight=False, soft_wrap=True)
     return build(cfg, "model", num_classes=num_classes)
+
+
+def checkpoint_meta(cfg: DictConfig, checkpoint: Path, key: str = "ckpt") -> dict[str, Any]:
+    """The metadata of a checkpoint the command was given (``key``), refused with one line when the file is no
+    checkpoint of ours or was written by another model than ``cfg.model``."""
+    try:
+        _, meta = read_checkpoint(checkpoint, meta_only=True)
+    except ValueError as err:
+        raise ConfigError(f"{key}={cfg.get(key)}: {err}. Pass a .ckpt written by this project") from err
+    written_by = meta.get("model")
+    if written_by and written_by != cfg.model.name:
+        classes = f", {meta['num_classes']} classes" if meta.get("num_classes") else ""
+        raise ConfigError(
+            f"{key}={cfg.get(key)} was written by model {written_by}{classes}; this command builds "
+            f"{cfg.model.name}. Select its model (the model config whose model.name is {written_by})"
+        )
+    return meta
+
+
+def load_weights(cfg: DictConfig, checkpoint: Path, network: Any, key: str = "ckpt") -> dict[str, Any]:
+    """``load_checkpoint`` with a refusal (a corrupt file, tensors that do not fit) as one ConfigError line."""
+    try:
+        return load_checkpoint(checkpoint, network)
+    except ValueError as err:
+        raise ConfigError(f"{key}={cfg.get(key)}: {err}") from err
 
 
 def load_trained_network(cfg: DictConfig, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
@@ -47,10 +95,10 @@ def load_trained_network(cfg: DictConfig, checkpoint: Path) -> tuple[Any, dict[s
 
     The head has the checkpoint's class count (else ``model.num_classes``, else the dataset's).
     """
-    _, meta = read_checkpoint(checkpoint, meta_only=True)
+    meta = checkpoint_meta(cfg, checkpoint)
     num_classes = meta.get("num_classes") or cfg.model.get("num_classes") or cfg.dataset.num_classes
     network = build_model(cfg, int(num_classes))
-    load_checkpoint(checkpoint, network)
+    load_weights(cfg, checkpoint, network)
     network.set_train(False)
     return network, meta
 
@@ -130,10 +178,17 @@ def resolve_checkpoint(
     return path, None
 
 
-def resolve_resume(
-    resume: str | None, tracker: MlflowTracker, run_dir: Path, download_dir: Path
-) -> tuple[Path | None, str | None]:
-    """(training-state checkpoint, MLflow run to continue) for ``resume``; (None, None) without one.
+@dataclass
+class Resume:
+    """The training state a job continues from: its file, the MLflow run to continue, its checked tensors."""
+
+    path: Path
+    run_id: str | None
+    state: TrainingState
+
+
+def resolve_resume(resume: str | None, tracker: MlflowTracker, run_dir: Path, download_dir: Path) -> Resume | None:
+    """The training-state checkpoint ``resume`` names, read and checked; None without one.
 
     - ``auto``: the newest intact checkpoint in ``run_dir/checkpoints`` (a damaged newer one is passed over
       with a warning); none there yet means a fresh start, so a requeued job can always say ``resume=auto``;
@@ -142,11 +197,11 @@ def resolve_resume(
     - ``runs:/<run_id>/<artifact path>`` or a ``.ckpt`` file: that checkpoint.
     """
     if not resume:
-        return None, None
+        return None
     resume = str(resume)
-    run_id, verified = None, True
+    run_id, content = None, None
     if resume == "auto":
-        path = _latest_local_state(run_dir / "checkpoints", resume)
+        path, content = _latest_local_state(run_dir / "checkpoints", resume)
         if path is None and any((run_dir / "checkpoints").glob("[!.]*.ckpt")):
             raise ConfigError(
                 f"resume=auto: no intact training checkpoint in {run_dir / 'checkpoints'} (see above). "
@@ -154,32 +209,32 @@ def resolve_resume(
             )
         if path is None:
             print(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; training starts from the beginning")
-            return None, None
+            return None
     elif resume.startswith("runs:/") and "/" not in resume[len("runs:/") :].strip("/"):
         run_id = resume[len("runs:/") :].strip("/")
         local = _local_run_dir(tracker, run_id)
-        path = _latest_local_state(local / "checkpoints", resume) if local else None
+        path, content = _latest_local_state(local / "checkpoints", resume) if local else (None, None)
         if path is None:
             path, _ = resolve_checkpoint(f"{resume.rstrip('/')}/checkpoints/last.ckpt", tracker, download_dir, "resume")
-            verified = False
     else:
         path, run_id = resolve_checkpoint(resume, tracker, download_dir, key="resume")
-        verified = False
-    try:  # every tensor against its checksum, before anything is built (the local search has checked its pick)
-        _, meta = read_checkpoint(path, meta_only=verified)
-    except ValueError as err:
-        raise ConfigError(f"resume={resume}: {err}") from err
+    if content is None:
+        try:  # every tensor against its checksum, before anything is built
+            content = read_checkpoint(path)
+        except ValueError as err:
+            raise ConfigError(f"resume={resume}: {err}") from err
+    params, meta = content
     if not is_training_state(meta):
         raise ConfigError(f"resume={resume}: {path.name} holds weights only; resume from a last.ckpt or periodic one")
-    return path, run_id or meta.get("mlflow_run_id")
+    return Resume(path, run_id or meta.get("mlflow_run_id"), TrainingState(params, meta))
 
 
-def _latest_local_state(directory: Path, resume: str) -> Path | None:
+def _latest_local_state(directory: Path, resume: str) -> tuple[Path | None, tuple[dict, dict] | None]:
     """``latest_training_state`` of ``directory``, warning about each damaged file passed over."""
-    path, problems = latest_training_state(directory)
+    path, content, problems = latest_training_state(directory)
     for problem in problems:
         console.print(f"[yellow]resume={resume}: passed over {problem}", highlight=False)
-    return path
+    return path, content
 
 
 def _local_run_dir(tracker: MlflowTracker, run_id: str) -> Path | None:

@@ -88,7 +88,7 @@ def comparison_rows(
     latest = [k for k in dict.fromkeys((*FINAL_METRICS, metric)) if any(k in run.data.metrics for run in runs)]
     best_key, pick = f"best_{metric}", max if mode == "max" else min
     rows = []
-    for run, run_params in zip(runs, params):
+    for run, run_params in zip(runs, params, strict=True):
         history = histories[run.info.run_id]
         rows.append(
             {
@@ -143,7 +143,7 @@ def plot_metric(rows: list[dict[str, Any]], histories: dict[str, list[Metric]], 
     for row in rows:
         points = sorted((m.step, m.value) for m in histories[row["run_id"]])
         if points:
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o", label=f"{row['run_name']} ({row['run_id'][:8]})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")

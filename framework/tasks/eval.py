@@ -7,11 +7,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from framework.config import build
-from framework.engine import evaluate, load_checkpoint
+from framework.engine import evaluate
 from framework.launch.signals import stop_signals_interrupt
 from framework.tasks.common import (
     build_model,
+    checkpoint_meta,
     format_metrics,
+    load_weights,
     log_run_spec,
     prepare,
     print_summary,
@@ -25,9 +27,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     prepare(cfg).setup(cfg.seed)
     tracker = build(cfg, "tracking")
     checkpoint, uri_run_id = resolve_checkpoint(cfg.ckpt, tracker, Path(cfg.paths.run_dir) / "checkpoint")
+    checkpoint_meta(cfg, checkpoint)
     data = build(cfg, "dataset")
     network = build_model(cfg, data.num_classes)
-    meta = load_checkpoint(checkpoint, network)
+    meta = load_weights(cfg, checkpoint, network)
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
     tags = run_tags(cfg, "eval")
     if source_run_id:

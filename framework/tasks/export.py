@@ -77,14 +77,15 @@ class ErfGELU(nn.Cell):
         return 0.5 * x * (1.0 + erf)
 
 
-def onnx_exportable(network: nn.Cell) -> nn.Cell:
-    """``network`` with each exact ``nn.GELU`` replaced (in place) by ``ErfGELU`` and stem pools padded with
-    ``Pad`` (batch-size free in ONNX) instead of a concatenated border; the computation is unchanged."""
+def exportable(network: nn.Cell, file_format: str) -> nn.Cell:
+    """``network`` with stem pools padded with ``Pad`` instead of a concatenated border (which fixes the batch
+    size in an exported graph) and, for ONNX, each exact ``nn.GELU`` replaced by ``ErfGELU``; in place, the
+    computation unchanged."""
     for _, cell in list(network.cells_and_names()):
         if isinstance(cell, StemMaxPool):
             cell.concat_border = False
         for name, child in list(cell.name_cells().items()):
-            if isinstance(child, nn.GELU) and child.approximate == "none":
+            if file_format == "ONNX" and isinstance(child, nn.GELU) and child.approximate == "none":
                 setattr(cell, name, ErfGELU())
     return network
 
@@ -106,7 +107,7 @@ def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_forma
 
         try:
             onnx_export(
-                onnx_exportable(network),
+                exportable(network, file_format),
                 ms.Tensor(example),
                 file_name=stem,
                 input_names=["images"],
@@ -123,7 +124,7 @@ def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_forma
                 "(e.g. NFNet pools odd-sized maps with AvgPool3D; even sizes such as 192, 224 or 256 export)"
             ) from err
     else:
-        ms.export(network, ms.Tensor(example), file_name=stem, file_format=file_format)
+        ms.export(exportable(network, file_format), ms.Tensor(example), file_name=stem, file_format=file_format)
     written = Path(stem + FORMATS[file_format])
     if not written.is_file():
         raise RuntimeError(f"MindSpore reported no error but wrote no {file_format} file at {written}")
@@ -164,11 +165,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     path = export_network(network, example, run_dir / "export" / str(cfg.model.name), spec.format)
     max_abs_diff, logit_scale, any_batch = None, max(1.0, float(np.abs(reference).max())), False
     if spec.format != "AIR":
+        if spec.format == "ONNX":  # as asked of the exporter; MindSpore declares the traced batch on outputs
+            _declare_batch(path, "batch")
         run_exported = load_exported(path)
         max_abs_diff = float(np.abs(run_exported(example) - reference).max())
         any_batch = _accepts_any_batch(run_exported, example)
-        if any_batch and spec.format == "ONNX":
-            _declare_any_batch(path)
+        if not any_batch and spec.format == "ONNX":  # the model's reshapes fix the batch (Conformer): say so
+            _declare_batch(path, len(example))
         if not max_abs_diff <= spec.tolerance * logit_scale:
             raise ExportMismatch(
                 f"the exported {spec.format} model differs from the MindSpore network by {max_abs_diff:.3g} "
@@ -186,6 +189,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         class_map = json.dumps({"classes": classes}, indent=1)
         (path.parent / "classes.json").write_text(class_map)  # beside the file, for task=predict
         run.log_text(class_map, "data/classes.json")
+        inputs = json.dumps({"format": spec.format, "input_shape": list(example.shape), "any_batch": any_batch})
+        (path.parent / "export.json").write_text(inputs)  # what task=predict feeds it
+        run.log_text(inputs, "export/export.json")
         if max_abs_diff is not None:
             run.log_metrics({f"{spec.format.lower()}_max_abs_diff": max_abs_diff, "max_abs_logit": logit_scale}, step=0)
         run.log_artifact(path, "export")
@@ -232,14 +238,19 @@ def _accepts_any_batch(run_exported: Callable[[np.ndarray], np.ndarray], example
         return False
 
 
-def _declare_any_batch(path: Path) -> None:
-    """Name the ONNX graph's batch axes ``batch`` (MindSpore declares the traced batch on the outputs, which
-    onnxruntime then warns about on every other batch size)."""
+def _declare_batch(path: Path, batch: int | str) -> None:
+    """Declare the ONNX graph's batch axes as ``batch``: a size, or a name (any size). MindSpore declares the
+    traced batch on the outputs even for a symbolic input batch, which onnxruntime warns about on every other
+    batch size."""
     import onnx
 
     model = onnx.load(str(path))
     for value in [*model.graph.input, *model.graph.output]:
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        dim = value.type.tensor_type.shape.dim[0]
+        if isinstance(batch, int):
+            dim.dim_value = batch
+        else:
+            dim.dim_param = batch
     onnx.save(model, str(path))
 
 

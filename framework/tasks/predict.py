@@ -115,21 +115,39 @@ def _load_model(
     if kind == "ckpt":
         network, meta = load_trained_network(cfg, path)
         return (lambda images: network(ms.Tensor(images)).asnumpy()), meta.get("class_names"), None
-    classes = path.parent / "classes.json"
-    if not classes.is_file() and run_id is not None:
-        try:
-            classes = Path(download_artifacts(f"runs:/{run_id}/data/classes.json", tracking_uri=tracker.uri,
-                                              dst_path=str(path.parent)))  # fmt: skip
-        except (MlflowException, OSError):
-            pass
-    names = json.loads(classes.read_text())["classes"] if classes.is_file() else None
-    fixed_batch = None
+    classes = _beside_or_logged(path, "classes.json", run_id, "data/classes.json", tracker)
+    names = json.loads(classes.read_text())["classes"] if classes is not None else None
+    return load_exported(path), names, _fixed_batch(cfg, kind, path, run_id, tracker)
+
+
+def _beside_or_logged(path: Path, name: str, run_id: str | None, artifact: str, tracker: Any) -> Path | None:
+    """A file ``task=export`` wrote beside the model file, or logged with its export run."""
+    local = path.parent / name
+    if local.is_file() or run_id is None:
+        return local if local.is_file() else None
+    try:
+        return Path(
+            download_artifacts(f"runs:/{run_id}/{artifact}", tracking_uri=tracker.uri, dst_path=str(path.parent))
+        )
+    except (MlflowException, OSError):
+        return None
+
+
+def _fixed_batch(cfg: DictConfig, kind: str, path: Path, run_id: str | None, tracker: Any) -> int | None:
+    """The batch size an exported model takes, when it takes only one (batches are then padded to it).
+
+    ONNX files declare it; for MINDIR the export's ``export.json`` says it (a file without one is fed batches
+    of ``predict.batch_size``, padded)."""
     if kind == "onnx":
         import onnxruntime
 
         batch = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[0]
-        fixed_batch = batch if isinstance(batch, int) else None
-    return load_exported(path), names, fixed_batch
+        return batch if isinstance(batch, int) else None
+    spec = _beside_or_logged(path, "export.json", run_id, "export/export.json", tracker)
+    if spec is None:
+        return int(cfg.predict.batch_size)
+    export = json.loads(spec.read_text())
+    return None if export.get("any_batch") else int(export["input_shape"][0])
 
 
 def _top_k(
@@ -148,7 +166,7 @@ def _top_k(
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     records = []
-    for path, row in zip(paths, probs):
+    for path, row in zip(paths, probs, strict=True):
         best = np.argsort(-row, kind="stable")[:k]
         top = [{"class": class_names[i] if class_names else str(i), "index": int(i), "probability": float(row[i])}
                for i in best]  # fmt: skip

@@ -9,23 +9,27 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, build, overrides
+from framework.data.pipeline import ImageData
 from framework.engine import FitResult, Observer, Stop
 from framework.engine.checkpoint import read_checkpoint, weights_sha256
-from framework.engine.trainer import TrainingDiverged
+from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
 from framework.launch.distributed import World, is_msrun_process
 from framework.launch.msrun import RESULT_FILE, JobFailed, relaunch
 from framework.launch.signals import stop_signals_interrupt
-from framework.optim.schedules import plot_schedule
+from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
 from framework.tasks.common import (
+    Resume,
     build_model,
+    console,
     format_metrics,
     log_run_spec,
     prepare,
@@ -33,6 +37,7 @@ from framework.tasks.common import (
     resolve_resume,
     run_tags,
 )
+from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.study import StudyTrial
 
 
@@ -58,18 +63,74 @@ def resume_command(run_dir: Path) -> str:
     return " ".join(["python run.py", *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
 
 
+@dataclass
+class Job:
+    """Everything a training job is made of, built (and so checked) before any MLflow run opens."""
+
+    data: ImageData
+    trainer: Trainer
+    schedule: Schedule
+    prepared: Prepared
+    updates_per_epoch: int
+    global_batch_size: int
+    lr_factor: float
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per epoch (``updates_per_epoch`` × accumulation steps)."""
+        return self.updates_per_epoch * self.trainer.accumulation_steps
+
+
 def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     if hardware.distributed and not is_msrun_process():
-        tracker = build(cfg, "tracking")
-        try:
-            record = relaunch(hardware, overrides(), run_dir, tracker)  # rank 0's, on node 0
-        finally:  # rank 0 may have been stopped between a checkpoint and sending the metrics it covers
-            last = run_dir / "checkpoints" / "last.ckpt"
-            tracker.deliver_kept(run_dir / "tracking", resume_step(last) if last.is_file() else 0)
-        checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
-        return FitResult(record.get("history", []), record.get("best"), checkpoints, record.get("stopped"))
+        return _launch_data_parallel(cfg, hardware, run_dir)
     world = hardware.setup(cfg.seed)
+    job = _build_job(cfg, world)
+    tracker = build(cfg, "tracking")
+    resume = resolve_resume(cfg.get("resume"), tracker, run_dir, run_dir / "resume" / f"rank_{world.rank}")
+    if resume is not None:
+        ended = _check_resume(cfg, job, resume)
+        if ended:
+            return _nothing_to_continue(cfg, resume, ended)
+    with stop_signals_interrupt(), _tracking(cfg, tracker, run_dir, resume, world) as run:
+        if run is not None:
+            _log_start(cfg, run, job, world, resume, run_dir)
+        result = _fit(cfg, job, run, run_dir, resume, world)
+        checksum = _record_weights(job.prepared.network, run_dir, world)
+        if run is not None:
+            _log_end(run, job, result, checksum)
+    if not world.is_main:
+        print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
+        return result
+    _write_result(run_dir, {"mlflow_run_id": run.run_id, **_result_record(result)})
+    _print_summary(result, run, tracker, checksum)
+    return result
+
+
+def _launch_data_parallel(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
+    """Relaunch the job through msrun; rank 0's result (on node 0)."""
+    tracker = build(cfg, "tracking")
+    try:
+        record = relaunch(hardware, overrides(), run_dir, tracker)
+    finally:  # rank 0 may have been stopped between a checkpoint and sending the metrics it covers
+        last = run_dir / "checkpoints" / "last.ckpt"
+        tracker.deliver_kept(run_dir / "tracking", resume_step(last) if last.is_file() else 0)
+    checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
+    return FitResult(record.get("history", []), record.get("best"), checkpoints, record.get("stopped"))
+
+
+def _build_job(cfg: DictConfig, world: World) -> Job:
+    """Dataset, model, loss, trainer, lr schedule and optimizer, and the compiled step over them."""
     data = build(cfg, "dataset")
+    missing = data.classes_missing_from_val()
+    if missing:
+        console.print(
+            f"[yellow]warning: the val split has no images of {len(missing)} class(es) the train split has "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): their accuracy is never measured; "
+            "images per class are in data/class_counts.json of the run",
+            highlight=False,
+            soft_wrap=True,
+        )
     network = build_model(cfg, data.num_classes)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
@@ -83,121 +144,161 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
         )
     global_batch_size = cfg.dataset.batch_size * world.size * trainer.accumulation_steps
     lr_factor = build(cfg, "lr_scaling").factor(global_batch_size)
-    schedule = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch)
-    lr_per_update = (schedule * lr_factor).astype(schedule.dtype)
-    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=ms.Tensor(lr_per_update))
-    tracker = build(cfg, "tracking")
-    checkpoint_dir = run_dir / "checkpoints"
-    resume_from, resume_run_id = resolve_resume(
-        cfg.get("resume"), tracker, run_dir, run_dir / "resume" / f"rank_{world.rank}"
-    )
+    schedule = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch).scaled(lr_factor)
+    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=UpdateLr(schedule[0]))
+    prepared = trainer.prepare(network, loss_fn, optimizer, world)
+    return Job(data, trainer, schedule, prepared, updates_per_epoch, global_batch_size, lr_factor)
 
-    # Rank 0 alone tracks the job; the other ranks train and evaluate without a run.
-    # the spool keeps the run's records in the run dir while the tracking server does not answer
-    tags, spool_dir = {**run_tags(cfg, "train"), "run_dir": str(run_dir)}, run_dir / "tracking"
-    resume_position = resume_step(resume_from) if resume_from is not None else 0 if cfg.get("resume") else None
-    earlier_spool = resume_from.parent.parent / "tracking" if resume_from is not None else spool_dir
-    if world.is_main and earlier_spool.resolve() != spool_dir.resolve():  # resumed from another job's folder
-        tracker.deliver_kept(earlier_spool, resume_position, drop_later=True)
-    tracking = (
-        tracker.start_run(tags, resume_run_id, spool_dir=spool_dir, resume_position=resume_position)
-        if world.is_main
-        else nullcontext()
-    )
-    with stop_signals_interrupt(), tracking as run:
-        if run is not None:
-            _write_result(run_dir, {"mlflow_run_id": run.run_id})
-            if resume_from is None:
-                log_run_spec(run, cfg)
-                run.log_params(
-                    {"world_size": world.size, "global_batch_size": global_batch_size, "lr_scale_factor": lr_factor}
-                )
-                run.log_text(json.dumps({"classes": data.class_names}, indent=1), "data/classes.json")
-                fingerprint = data.fingerprint()
-                run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
-                run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
-                title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(lr_per_update)} updates"
-                run.log_figure(plot_schedule(lr_per_update, updates_per_epoch, title), "lr_schedule.png")
-            else:  # params are fixed once logged; the resumed job's config is kept beside the original one
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{stamp}.yaml")
-                run.set_tags({"resumed_from": str(cfg.resume)})
-        meta = {
-            "model": cfg.model.name,
-            "num_classes": data.num_classes,
-            "class_names": data.class_names,
-            "mlflow_run_id": run.run_id if run is not None else None,
-        }
-        study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
-        observers = (PruneTrial(study_trial, trainer.monitor),) if study_trial is not None else ()
-        try:
-            result = trainer.fit(
-                network,
-                loss_fn,
-                optimizer,
-                lr_per_update,
-                data,
-                run,
-                checkpoint_dir,
-                meta,
-                resume_from=resume_from,
-                world=world,
-                observers=observers,
-            )
-        finally:
-            if run is not None:
-                for name in ("best", "last"):
-                    path = checkpoint_dir / f"{name}.ckpt"
-                    if path.is_file():
-                        run.log_artifact(path, "checkpoints")
-                if (checkpoint_dir / "last.ckpt").is_file():  # stopped anywhere: what its newest state covers may go
-                    run.checkpointed = resume_step(checkpoint_dir / "last.ckpt")
-                bad_images = data.bad_images()
-                if bad_images:
-                    run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
-        checksum = _record_weights(network, run_dir, world)
-        if run is not None:
-            run.set_tags({"weights_sha256": checksum})
-            if result.best is not None:
-                best_epoch = int(result.best["epoch"])
-                run.log_metrics({f"best_{trainer.monitor}": result.best[trainer.monitor]}, step=best_epoch)
-            if result.stopped is not None:
-                run.set_tags(stop_tags(result.stopped))
 
-    if not world.is_main:
-        print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
-        return result
-    _write_result(
-        run_dir,
+def _check_resume(cfg: DictConfig, job: Job, resume: Resume) -> str | None:
+    """Refuse a checkpoint this job cannot continue (another model, class count or training state), before any
+    MLflow run is touched; returns why there is nothing left to train, if so."""
+    meta, given = resume.state.meta, f"resume={cfg.resume}"
+    written_by, classes = meta.get("model"), meta.get("num_classes")
+    if written_by and written_by != cfg.model.name:
+        raise ConfigError(
+            f"{given}: the checkpoint was written by model {written_by} ({classes} classes); this command builds "
+            f"{cfg.model.name}. Resume with its model (the model config whose model.name is {written_by})"
+        )
+    if classes is not None and classes != job.data.num_classes:
+        raise ConfigError(
+            f"{given}: the checkpoint has {classes} classes, the configured dataset {job.data.num_classes}. "
+            "Resume with the dataset it was trained on"
+        )
+    mismatch = resume.state.mismatch(job.prepared.state)
+    if mismatch:
+        raise ConfigError(
+            f"{given}: the checkpoint does not fit this run's training state: {mismatch}. Resume with the settings "
+            "it was trained with (model, optimizer, engine.ema_decay, engine.loss_scale, engine.accumulation_steps)"
+        )
+    return job.trainer.ended(resume.state, job.steps_per_epoch)
+
+
+def _nothing_to_continue(cfg: DictConfig, resume: Resume, ended: str) -> FitResult:
+    """A run that has nothing left to train is left as it is; say so and how to train it longer."""
+    meta = resume.state.meta
+    print_summary(
+        "nothing to continue",
         {
-            "mlflow_run_id": run.run_id,
-            "history": result.history,
-            "best": result.best,
-            "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
-            "stopped": result.stopped,
+            "run": f"MLflow run {resume.run_id or '-'}: {ended}; it is left as it is",
+            "checkpoint": f"{resume.path} (step {resume.state.micro_steps})",
+            "train longer": "raise engine.epochs (the lr schedule then follows the longer run) and resume again",
+            "best": format_metrics(meta.get("best")),
         },
     )
+    return FitResult(list(meta.get("history", [])), meta.get("best"), {"last": resume.path}, meta.get("stopped"))
+
+
+def _tracking(
+    cfg: DictConfig, tracker: MlflowTracker, run_dir: Path, resume: Resume | None, world: World
+) -> AbstractContextManager[MlflowRun | None]:
+    """Rank 0's MLflow run (continued when resuming), through a spool in the run dir that keeps its records
+    while the tracking server does not answer; the other ranks train and evaluate without one."""
+    if not world.is_main:
+        return nullcontext()
+    tags, spool_dir = {**run_tags(cfg, "train"), "run_dir": str(run_dir)}, run_dir / "tracking"
+    position = resume.state.micro_steps if resume is not None else 0 if cfg.get("resume") else None
+    earlier_spool = resume.path.parent.parent / "tracking" if resume is not None else spool_dir
+    if earlier_spool.resolve() != spool_dir.resolve():  # resumed from another job's folder
+        tracker.deliver_kept(earlier_spool, position, drop_later=True)
+    run_id = resume.run_id if resume is not None else None
+    return tracker.start_run(tags, run_id, spool_dir=spool_dir, resume_position=position)
+
+
+def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: Resume | None, run_dir: Path) -> None:
+    """The run spec, data description and lr plot of a new run; a continued run keeps its params and gets the
+    resumed job's config beside the first one."""
+    _write_result(run_dir, {"mlflow_run_id": run.run_id})
+    if resume is not None:  # params are fixed once logged
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{stamp}.yaml")
+        run.set_tags({"resumed_from": str(cfg.resume), "run_dir": str(run_dir)})  # where its newest state is
+        return
+    log_run_spec(run, cfg)
+    run.log_params(
+        {"world_size": world.size, "global_batch_size": job.global_batch_size, "lr_scale_factor": job.lr_factor}
+    )
+    run.log_text(json.dumps({"classes": job.data.class_names}, indent=1), "data/classes.json")
+    counts = job.data.class_counts()
+    per_class = {name: {split: counts[split][i] for split in counts} for i, name in enumerate(job.data.class_names)}
+    run.log_text(json.dumps(per_class, indent=1), "data/class_counts.json")
+    fingerprint = job.data.fingerprint()
+    run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
+    run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
+    title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(job.schedule)} updates"
+    run.log_figure(plot_schedule(job.schedule, job.updates_per_epoch, title), "lr_schedule.png")
+
+
+def _fit(
+    cfg: DictConfig, job: Job, run: MlflowRun | None, run_dir: Path, resume: Resume | None, world: World
+) -> FitResult:
+    """Train; whatever happens, the checkpoints and skipped images written so far go to the run."""
+    checkpoint_dir = run_dir / "checkpoints"
+    meta = {
+        "model": cfg.model.name,
+        "num_classes": job.data.num_classes,
+        "class_names": job.data.class_names,
+        "mlflow_run_id": run.run_id if run is not None else None,
+    }
+    study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
+    observers = (PruneTrial(study_trial, job.trainer.monitor),) if study_trial is not None else ()
+    state = resume.state if resume is not None else None
+    if resume is not None:
+        done = resume.state.micro_steps
+        print(f"resumed from {resume.path} at step {done} (epoch {done // job.steps_per_epoch + 1})")
+    try:
+        return job.trainer.fit(job.prepared, job.schedule, job.data, run, checkpoint_dir, meta, state, world, observers)
+    finally:
+        if run is not None:
+            for name in ("best", "last"):
+                path = checkpoint_dir / f"{name}.ckpt"
+                if path.is_file():
+                    run.log_artifact(path, "checkpoints")
+            if (checkpoint_dir / "last.ckpt").is_file():  # stopped anywhere: what its newest state covers may go
+                run.checkpointed = resume_step(checkpoint_dir / "last.ckpt")
+            bad_images = job.data.bad_images()
+            if bad_images:
+                run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
+
+
+def _log_end(run: MlflowRun, job: Job, result: FitResult, checksum: str) -> None:
+    run.set_tags({"weights_sha256": checksum})
+    if result.best is not None:
+        monitor = job.trainer.monitor
+        run.log_metrics({f"best_{monitor}": result.best[monitor]}, step=int(result.best["epoch"]))
+    if result.stopped is not None:
+        run.set_tags(stop_tags(result.stopped))
+
+
+def _result_record(result: FitResult) -> dict:
+    return {
+        "history": result.history,
+        "best": result.best,
+        "checkpoints": {k: str(v) for k, v in result.checkpoints.items()},
+        "stopped": result.stopped,
+    }
+
+
+def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, checksum: str) -> None:
     best = f"runs:/{run.run_id}/checkpoints/best.ckpt" if run.run_id else str(result.checkpoints.get("best"))
-    print_summary(
-        "training finished",
+    rows = {
+        "mlflow run": f"{run.run_name} ({run.run_id or 'not created: the server did not answer'}) "
+        f"in experiment '{tracker.experiment_name}'",
+        "best": format_metrics(result.best),
+        "last": format_metrics(result.last),
+    }
+    if result.stopped:
+        rows["stopped early"] = f"after epoch {result.stopped['epoch']}: {result.stopped['reason']}"
+    rows.update(
         {
-            "mlflow run": f"{run.run_name} ({run.run_id or 'not created: the server did not answer'}) "
-            f"in experiment '{tracker.experiment_name}'",
-            "best": format_metrics(result.best),
-            "last": format_metrics(result.last),
-            **(
-                {"stopped early": f"after epoch {result.stopped['epoch']}: {result.stopped['reason']}"}
-                if result.stopped
-                else {}
-            ),
             "best checkpoint": f"{result.checkpoints.get('best')}  = {best}",
             "last checkpoint": str(result.checkpoints.get("last")),
             "weights sha256": checksum,
             "evaluate": f"python run.py task=eval ckpt={best}",
             "mlflow ui": tracker.ui_command(),
-        },
+        }
     )
-    return result
+    print_summary("training finished", rows)
 
 
 class PruneTrial(Observer):

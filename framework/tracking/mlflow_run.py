@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from requests.exceptions import RequestException
 
 from framework.config import ConfigError
+from framework.paths import unwritable
 from framework.tracking.spool import Spool
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -52,6 +53,21 @@ class MlflowTracker:
         if self.is_local:
             self.local_store.mkdir(parents=True, exist_ok=True)
         return MlflowClient(tracking_uri=self.uri)
+
+    def check_writable(self) -> None:
+        """Refuse a local (SQLite) store that cannot be written, before any run exists: SQLite needs the file and
+        its folder (for its journal)."""
+        if not self.uri.startswith("sqlite:///"):
+            return
+        database = Path(self.uri[len("sqlite:///") :])
+        blocked = unwritable(database.parent)
+        if blocked is None and database.exists() and not os.access(database, os.W_OK):
+            blocked = database
+        if blocked is not None:
+            raise ConfigError(
+                f"the MLflow store {database} cannot be written ({blocked} is read-only for this user). Fix: make "
+                "it writable, or log elsewhere: tracking.local_store=<a writable folder> or tracking.uri=<server>"
+            )
 
     def ui_command(self) -> str:
         """Shell command that opens the MLflow UI on this store (or the server's address)."""

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from framework.config import ConfigError
+from framework.launch.signals import held_signals
 from framework.tracking.mlflow_run import TRIAL_ENV
 from framework.tracking.search_space import quote
 from framework.tracking.study import (
@@ -79,9 +80,8 @@ class OptunaSweeperImpl(Sweeper):
         )
         returns = []
         while plan.trials_left > 0:
-            trials = [self._ask() for _ in range(min(self.n_jobs, plan.trials_left))]
-            returns.append(self._launch(trials))
-            plan.counted += len(trials)
+            returns.append(self._run_batch(min(self.n_jobs, plan.trials_left)))
+            plan.counted += len(returns[-1])
         self._write_results(sweep_dir)
         return returns
 
@@ -91,15 +91,16 @@ class OptunaSweeperImpl(Sweeper):
         trial.set_user_attr(PRUNER, self.plan.pruner)
         return trial
 
-    def _launch(self, trials: list[optuna.Trial]) -> list[JobReturn]:
-        """Run one batch through the launcher and tell the study each trial's outcome."""
-        batch = []
-        for trial in trials:
-            env = {**trial_environment(self.storage, self.study_name, trial.number), TRIAL_ENV: str(trial.number)}
-            batch.append(
-                [*self.space.overrides(trial.params), *(f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items())]
-            )
+    def _run_batch(self, count: int) -> list[JobReturn]:
+        """Ask for ``count`` trials, run them through the launcher, tell the study each one's outcome."""
+        with held_signals():  # a trial asked for is recorded as launched by this process before Ctrl-C lands
+            trials = [self._ask() for _ in range(count)]
         try:
+            batch = []
+            for trial in trials:
+                env = {**trial_environment(self.storage, self.study_name, trial.number), TRIAL_ENV: str(trial.number)}
+                env_set = [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
+                batch.append([*self.space.overrides(trial.params), *env_set])
             self.validate_batch_is_legal(batch)
             results = list(self.launcher.launch(batch, initial_job_idx=self.job_idx))
         except BaseException:  # interrupted, or a batch Hydra cannot compose: these trials are not to count
@@ -108,7 +109,7 @@ class OptunaSweeperImpl(Sweeper):
                 self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         self.job_idx += len(results)
-        for trial, result in zip(trials, results):
+        for trial, result in zip(trials, results, strict=True):
             self._tell(trial, result)
         return results
 
