@@ -23,6 +23,8 @@ from framework.tasks.benchmark import (
 )
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 TINY = ["benchmark.image_size=16", "benchmark.batch_size=4", "benchmark.warmup_steps=1"]
 TINY += ["benchmark.steps=2", "benchmark.rounds=2", "benchmark.num_classes=10"]
 

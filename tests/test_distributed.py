@@ -21,6 +21,8 @@ from framework.launch.slurm import first_host
 from framework.paths import PROJECT_ROOT
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 TINY = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=2", "engine.limit_train_batches=3"]
 
 

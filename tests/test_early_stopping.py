@@ -13,6 +13,8 @@ from framework.engine.checkpoint import read_checkpoint
 from tests.conftest import mlflow_client
 from tests.test_reliability import finished_run, loss_curve, start_job, wait_for_step
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 
 def history(*values: float, key: str = "val_top1") -> list[dict[str, float]]:
     return [{"epoch": i + 1, key: v} for i, v in enumerate(values)]

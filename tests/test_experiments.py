@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 from framework.tasks.train import train
 from tests.conftest import all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 SEEDS = Path(__file__).resolve().parents[1] / "docs" / "seeds"
 
 # ---- reading a seed README: its parameter lines, the flags of its commands, its tables ----

@@ -15,6 +15,8 @@ from framework.models import create_model
 from framework.tasks.export import ExportMismatch, ExportUnsupported, export, load_exported
 from tests.conftest import all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 MODELS = ["resnext50", "efficientnet_b2", "nfnet_f0", "nasnet_a_mobile", "conformer_ti"]
 
 

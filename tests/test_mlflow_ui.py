@@ -13,9 +13,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from framework.launch.msrun import free_port
 from framework.paths import PROJECT_ROOT
 from tests.conftest import FAST
+
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
 
 
 def test_printed_mlflow_ui_command_serves_the_local_store(tmp_path):

@@ -151,7 +151,13 @@ def test_scaled_std_conv_standardises_weights():
     np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "model",
+    [  # the full-size models take 20-140 s each: the quick tier trains the test model only
+        pytest.param(p.stem, marks=() if p.stem == "resnext_test" else pytest.mark.slow)
+        for p in sorted((Path(CONF_DIR) / "model").glob("*.yaml"))
+    ],
+)
 def test_model_config_trains_and_loss_falls(make_config, model):
     """A few optimizer steps on one fixed batch of 8 digits (32 px) through the real train step: the loss falls."""
     ms.set_seed(0)

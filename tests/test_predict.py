@@ -17,6 +17,8 @@ from framework.tasks.predict import predict
 from tests.conftest import TEST_MODEL, compose_config
 from tests.test_export import checkpoint_for
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 SIZE = [TEST_MODEL, "dataset.image_size=32"]
 
 

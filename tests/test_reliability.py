@@ -32,6 +32,8 @@ from framework.tasks.train import train
 from framework.tracking.spool import Spool
 from tests.conftest import FAST, TEST_MODEL, all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 # 3 epochs of 6 steps, training state every 2 steps (and at each epoch's end)
 JOB = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=6"]
 JOB += ["engine.checkpoint_every_n_steps=2"]

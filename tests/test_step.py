@@ -143,6 +143,7 @@ RESUME = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # trains and checkpoints through the train task
 def test_resume_continues_exactly(tmp_path):
     """8 steps straight vs. resumed from the mid-epoch (step 3) checkpoint: same final state. (Resuming from
     epoch ends and after kills: tests/test_reliability.py.)"""
@@ -166,6 +167,7 @@ def test_resume_continues_exactly(tmp_path):
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # trains and checkpoints through the train task
 def test_same_seed_gives_the_same_loss_curve_and_logs_what_defines_the_run(tmp_path):
     overrides = [
         TEST_MODEL, "dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=4",
@@ -186,6 +188,7 @@ def test_same_seed_gives_the_same_loss_curve_and_logs_what_defines_the_run(tmp_p
     assert any(line.startswith("mindspore==") for line in frozen.read().splitlines())
 
 
+@pytest.mark.slow  # trains and checkpoints through the train task
 def test_best_checkpoint_follows_the_monitored_metric_and_mode(tmp_path):
     overrides = [TEST_MODEL, "dataset.image_size=16", "engine.epochs=3", "engine.limit_train_batches=2",
                  "engine.monitor=val_loss", "engine.monitor_mode=min"]  # fmt: skip

@@ -29,6 +29,8 @@ from framework.tracking.search_space import parse_search_space, quote
 from framework.tracking.study import plan_study
 from tests.conftest import CONF_DIR, TEST_MODEL, all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 TINY = ["dataset.image_size=16", "engine.epochs=1", "engine.limit_train_batches=2"]
 
 

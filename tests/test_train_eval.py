@@ -18,6 +18,8 @@ from framework.tasks.eval import evaluate_checkpoint
 from framework.tasks.train import train
 from tests.conftest import FAST, TEST_MODEL, all_runs, compose_config, mlflow_client
 
+pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
