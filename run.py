@@ -7,6 +7,8 @@ from omegaconf import DictConfig
 
 import framework.tasks
 
+framework.tasks.register_resolvers()  # ${project_root:} and the others the configs use, before Hydra composes
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Any:

@@ -2,7 +2,8 @@
 
 The schema of each config group is the signature of its ``_target_``: every key must be a parameter,
 every value must have the parameter's annotated type (``int``, ``float``, ``bool``, ``str``, ``Literal``,
-lists, ``| None``), and the ranges below must hold. Only targets under ``framework.`` and ``mindspore.``,
+lists, ``| None``), be one of its ``Literal`` choices and in the ``Range`` annotated next to it
+(``Annotated[int, Positive]``). Only targets under ``framework.`` and ``mindspore.``,
 and those listed in ``allowed_targets``, are imported at all: a config cannot run ``os.system``.
 """
 
@@ -10,58 +11,47 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from framework.errors import UserError
+from framework.schema import Range, SchemaError, annotation_text, check_value
+
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 _VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 
 ALLOWED_TARGET_PREFIXES = ("framework.", "mindspore.")
 
-# Ranges of values wherever the composed config has them: (lowest, highest, lowest allowed itself).
-_POSITIVE, _NON_NEGATIVE, _FRACTION, _OPEN_FRACTION = (0, None, False), (0, None, True), (0, 1, True), (0, 1, False)
-RANGES = {
-    "seed": (0, 2**32, True),  # what MindSpore, NumPy and the data pipeline take
-    "dataset.batch_size": _POSITIVE,
-    "dataset.eval_batch_size": _POSITIVE,
-    "dataset.image_size": _POSITIVE,
-    "scheduler.lr": _POSITIVE,
-    "scheduler.warmup_epochs": _NON_NEGATIVE,
-    "optimizer.weight_decay": _NON_NEGATIVE,
-    "optimizer.momentum": _FRACTION,
-    "loss.label_smoothing": _FRACTION,
-    "engine.epochs": _POSITIVE,
-    "engine.eval_every_n_epochs": _POSITIVE,
-    "engine.keep_checkpoint_max": _POSITIVE,
-    "engine.checkpoint_every_n_epochs": _NON_NEGATIVE,
-    "engine.checkpoint_every_n_steps": _NON_NEGATIVE,
-    "engine.accumulation_steps": _POSITIVE,
-    "engine.max_nonfinite_steps": _POSITIVE,
-    "engine.clip_grad_norm": _POSITIVE,
-    "engine.ema_decay": _OPEN_FRACTION,
-    "engine.loss_scale_value": _POSITIVE,
-    "engine.early_stopping.patience": _POSITIVE,
-    "engine.early_stopping.min_delta": _NON_NEGATIVE,
+# The top level of config.yaml, the one schema that is no target's signature; allowed_targets is checked apart.
+TOP_LEVEL: dict[str, Any] = {
+    "seed": Annotated[int, Range(0, 2**32, high_inclusive=False)],  # what MindSpore, NumPy and the pipeline take
+    "ckpt": str | None,
+    "resume": str | None,
+    "run_dir": str | None,
 }
 # Keys of config.yaml itself; any other top-level key added with +key=... has no reader.
-TOP_LEVEL_KEYS = ("seed", "ckpt", "resume", "run_dir", "allowed_targets")
+TOP_LEVEL_KEYS = (*TOP_LEVEL, "allowed_targets")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The run spec is wrong; the message names the key and how to fix it."""
+
+    kind, exit_status = "config error", 2
 
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast on required values left unset, targets outside the allowlist, keys a target does not take,
-    values of the wrong type or out of range, and top-level keys nothing reads."""
+    values of the wrong type, out of their range or not one of their choices, and top-level keys nothing reads.
+
+    Values set in the config are checked before interpolations of them (``${loss.label_smoothing}``), so an
+    error names the key to fix."""
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
     if missing:
         raise ConfigError(
@@ -75,28 +65,23 @@ def check_config(cfg: DictConfig) -> None:
                 f"unknown top-level key '{key}' ({override}): nothing reads it. Top-level keys: "
                 f"{', '.join(TOP_LEVEL_KEYS)}; settings belong to a group (e.g. engine.epochs=3)"
             )
-    if "seed" in cfg:
-        _check_type("seed", cfg.seed, int, "config.yaml")
-    for key in ("ckpt", "resume", "run_dir"):
-        _check_type(key, cfg.get(key), str | None, "config.yaml")
+    for key, expected in TOP_LEVEL.items():
+        if key in cfg:
+            _check_value(key, cfg[key], expected, "config.yaml")
     allowed = allowed_targets(cfg)
     targets = list(_target_nodes(cfg))
     for path, node in targets:  # first of all: nothing outside the allowlist is even imported
         check_target(path, node._target_, allowed)
-    for path, node in targets:
-        _check_keys(path, node, allowed)
-    for key, (low, high, low_included) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}. Fix: {key}=<number>")
-        if value < low or (value == low and not low_included) or (high is not None and value >= high):
-            if high is not None:
-                expected = f"in {'[' if low_included else '('}{low}, {high})"
-            else:
-                expected = f">= {low}" if low_included else f"> {low}"
-            raise ConfigError(f"{key} must be {expected}, got {value}. Fix: {key}=<number {expected}>")
+    values = [value for path, node in targets for value in _check_keys(path, node, allowed)]
+    for key, value, expected, where, _ in sorted(values, key=lambda item: item[-1]):  # interpolations last
+        _check_value(key, value, expected, where)
+
+
+def _check_value(key: str, value: Any, expected: Any, where: str) -> None:
+    try:
+        check_value(key, value, expected, where)
+    except SchemaError as err:
+        raise ConfigError(str(err)) from None
 
 
 def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
@@ -145,7 +130,9 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
             yield from _target_nodes(item, f"{path}[{i}]")
 
 
-def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> None:
+def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> list[tuple[str, Any, Any, str, bool]]:
+    """Refuse keys the target does not take; the values to check against its annotations, as (key, value,
+    annotation, where it is declared, whether the value is an interpolation)."""
     target = node._target_
     check_target(path, target, allowed)
     try:
@@ -160,16 +147,16 @@ def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> None:
             raise ConfigError(str(err)) from err
     accepted = _accepted_keys(obj)
     if accepted is None:
-        return
-    hints = _type_hints(obj)
+        return []
+    hints, values = _type_hints(obj), []
     for key in node:
         if key in _HYDRA_KEYS:
             continue
         if key in accepted:
             child = node._get_node(key)
             if key in hints and not (isinstance(child, DictConfig) and "_target_" in child):
-                annotation = inspect.formatannotation(hints[key])
-                _check_type(f"{path}.{key}", node[key], hints[key], f"{target} takes {key}: {annotation}")
+                where = f"{target} takes {key}: {annotation_text(hints[key])}"
+                values.append((f"{path}.{key}", node[key], hints[key], where, child._is_interpolation()))
             continue
         close = difflib.get_close_matches(str(key), accepted, n=1)
         hint = f"Did you mean '{path}.{close[0]}'? " if close else ""
@@ -177,68 +164,21 @@ def _check_keys(path: str, node: DictConfig, allowed: tuple[str, ...]) -> None:
             f"unknown key '{path}.{key}': {target} takes {', '.join(accepted)}. {hint}"
             f"Fix the override or remove the key from conf/{path.split('.')[0]}/."
         )
+    return values
 
 
 def _type_hints(obj: Any) -> dict[str, Any]:
-    """Annotated parameter types of ``obj`` (a class's ``__init__`` and its bases'); empty when unreadable."""
+    """Annotated parameter types of ``obj`` (a class's ``__init__`` and its bases'), ``Annotated`` metadata kept;
+    empty when unreadable."""
     hints: dict[str, Any] = {}
     for owner in reversed(inspect.getmro(obj)) if inspect.isclass(obj) else (obj,):
         function = owner.__init__ if inspect.isclass(owner) else owner
         try:
-            hints.update(typing.get_type_hints(function))
+            hints.update(typing.get_type_hints(function, include_extras=True))
         except Exception:  # annotations naming what cannot be imported here: no type check for them
             continue
     hints.pop("return", None)
     return hints
-
-
-def _check_type(key: str, value: Any, expected: Any, where: str) -> None:
-    if not _matches(value, expected):
-        raise ConfigError(
-            f"{key}={value!r} has the wrong type: expected {_type_name(expected)} ({where}). "
-            f"Fix: {key}=<{_type_name(expected)}>"
-        )
-
-
-def _matches(value: Any, expected: Any) -> bool:
-    """Whether a config value fits an annotation; annotations it cannot judge (classes, Any) accept anything."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if origin is typing.Literal:
-        return value in args
-    if expected is type(None):
-        return value is None
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, Sequence) or expected in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple, ListConfig)):
-            return False
-        item_types = {arg for arg in args if arg is not Ellipsis}
-        return len(item_types) != 1 or all(_matches(item, next(iter(item_types))) for item in value)
-    if origin in (dict, Mapping) or expected in (dict, Mapping):
-        return isinstance(value, (dict, DictConfig))
-    return True
-
-
-def _type_name(expected: Any) -> str:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
-    if origin is typing.Literal:
-        return " | ".join(repr(arg) for arg in args)
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    if expected in names:
-        return names[expected]
-    if origin in (list, tuple, Sequence):
-        return "a list" + (f" of {_type_name(args[0])}" if args else "")
-    return getattr(expected, "__name__", str(expected))
 
 
 def _accepted_keys(obj: Any) -> list[str] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +25,8 @@ def rank_dir_name() -> str:
     return f"rank_{os.environ.get('RANK_ID', '0')}" if role == "MS_WORKER" else "main"
 
 
-if not OmegaConf.has_resolver("project_root"):
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-    OmegaConf.register_new_resolver("rank_dir", rank_dir_name)
+def project_root() -> str:
+    return str(PROJECT_ROOT)
 
 
 def unwritable(folder: Path) -> Path | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # isort: off
-import framework  # noqa: F401  (first: sets the protobuf backend MindSpore needs; registers resolvers)
+import mindspore  # noqa: F401  (before MLflow: MindSpore selects the protobuf backend it needs only if first)
 
 # isort: on
 
@@ -21,6 +21,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
+
+from framework.tasks import register_resolvers
+
+register_resolvers()  # as run.py does
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

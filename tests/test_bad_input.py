@@ -13,8 +13,8 @@ import pytest
 
 from framework.config import ConfigError, check_config, command_line_problem
 from framework.paths import PROJECT_ROOT
+from framework.tasks import execute
 from framework.tasks.eval import evaluate_checkpoint
-from framework.tasks.sync import sync
 from framework.tasks.train import train
 from framework.tracking.spool import Spool
 from tests.conftest import TEST_MODEL, all_runs, compose_config, empty_mlflow_db, mlflow_client
@@ -81,8 +81,11 @@ def test_a_command_line_that_composes_has_no_problem():
         ("hardware=gpu", r"hardware.device_target=GPU: this MindSpore build \(.*\) cannot use GPU devices"),
         ("dataset.val_fraction=1.5", r"dataset.val_fraction must be in \(0, 1\), got 1.5"),
         ("dataset=folder", r"dataset.path: required but not set .*Fix: add dataset.path=<value>"),
-        ("dataset.num_parallel_workers=0", r"dataset.num_parallel_workers must be >= 1, got 0"),
-        ("model.name=resnet9", r"unknown model 'resnet9' \(model.name\); registered models: conformer_ti, .*"),
+        (
+            "dataset.num_parallel_workers=0",
+            r"dataset.num_parallel_workers must be > 0, got 0. Fix: dataset.num_parallel_workers=<number > 0>",
+        ),
+        ("model.name=resnet9", r"unknown model 'resnet9' \(model.name\); registered models: conformer_test, .*"),
         ("engine.epochs=2.5", r"engine.epochs=2.5 has the wrong type: expected an integer .*Trainer takes epochs: int"),
         ("engine.eval_ema=maybe", r"engine.eval_ema='maybe' has the wrong type: expected true/false"),
         ("seed=x", r"seed='x' has the wrong type: expected an integer"),
@@ -97,12 +100,75 @@ def test_a_command_line_that_composes_has_no_problem():
         ("dataset.mixup._target_=subprocess.run", r"dataset.mixup._target_='subprocess.run' is not allowed"),
         ("allowed_targets=os.system", r"allowed_targets must be a list of names"),
         ("hardware.device_target=TPU", r"hardware.device_target must be one of \('CPU', 'GPU', 'Ascend'\)"),
+        (
+            "optimizer.name=adamm",
+            r"^optimizer.name must be one of 'sgd', 'momentum', 'adamw', 'rmsprop_tf', 'sgd_agc', got 'adamm'. "
+            r"Fix: optimizer.name=adamw$",
+        ),
+        ("dataset.augment.hflip=1.5", r"^dataset.augment.hflip must be in \[0, 1\], got 1.5. Fix: "),
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(compose_config([override], tmp_path))
     assert_no_runs(tmp_path)
+
+
+ANY = "<one of those>"
+
+
+@pytest.mark.parametrize(
+    ("override", "choices", "fix"),
+    [
+        ("engine.amp_level=O5", "'O0', 'O1', 'O2', 'O3'", ANY),
+        ("dataset.mixup.mode=pairs", "'batch', 'pair', 'elem'", "pair"),
+        ("dataset.interpolation=bicubc", "'bilinear', 'bicubic', 'nearest'", "bicubic"),
+        ("lr_scaling.rule=cubic", "'none', 'linear', 'sqrt'", ANY),
+        ("engine.monitor_mode=maximum", "'max', 'min'", "max"),
+        ("dataset.augment.re_mode=noise", "'pixel', 'rand', 'const'", ANY),
+        ("optimizer.name=rmsprop", "'sgd', 'momentum', 'adamw', 'rmsprop_tf', 'sgd_agc'", "rmsprop_tf"),
+    ],
+)
+def test_a_choice_outside_its_literal_is_one_line_from_the_schema(tmp_path, monkeypatch, override, choices, fix):
+    """The schema check alone refuses it, building nothing, in one line naming the key, the choices and the fix;
+    a typo close to a choice gets that choice as the fix."""
+    cfg = compose_config([override], tmp_path)
+    monkeypatch.setattr("framework.config.instantiate", lambda *args, **kwargs: pytest.fail("built an object"))
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg)
+    assert str(error.value) == f"{key} must be one of {choices}, got '{value}'. Fix: {key}={fix}"
+
+
+def test_a_single_choice_literal_names_it(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(["dataset.num_classes=100"], tmp_path))
+    assert str(error.value) == "dataset.num_classes must be 10, got 100. Fix: dataset.num_classes=10"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dataset.augment.hflip=-0.5"], "dataset.augment.hflip must be in [0, 1], got -0.5"),
+        (["dataset.mixup.prob=2.0"], "dataset.mixup.prob must be in [0, 1], got 2.0"),
+        (["dataset.mixup.cutmix_alpha=-1.0"], "dataset.mixup.cutmix_alpha must be >= 0, got -1.0"),
+        (["dataset.crop_pct=1.5"], "dataset.crop_pct must be in (0, 1], got 1.5"),
+        (["dataset.std=[0.2,0.2,0.0]"], "dataset.std[2] must be > 0, got 0.0"),
+        (["optimizer=adamw", "optimizer.eps=0.0"], "optimizer.eps must be > 0, got 0.0"),
+        (["optimizer=rmsprop_tf", "optimizer.rmsprop_decay=1.0"], "optimizer.rmsprop_decay must be in [0, 1), got 1.0"),
+        (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], "optimizer.betas[1] must be in [0, 1), got 1.5"),
+        (["scheduler=exponential", "scheduler.decay_rate=0.0"], "scheduler.decay_rate must be in (0, 1], got 0.0"),
+        (["scheduler=cosine_annealing", "scheduler.t_max=0"], "scheduler.t_max must be > 0, got 0"),
+        (["lr_scaling.reference_batch_size=0"], "lr_scaling.reference_batch_size must be > 0, got 0"),
+        (["engine.loss_scale_factor=1"], "engine.loss_scale_factor must be > 1, got 1"),
+        (["engine.loss_scale_window=0"], "engine.loss_scale_window must be > 0, got 0"),
+    ],
+)
+def test_ranges_once_checked_only_when_built_are_refused_by_the_schema(tmp_path, overrides, message):
+    """These passed the schema check before and failed only inside their constructor, once built."""
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(overrides, tmp_path))
+    assert str(error.value).startswith(f"{message}. Fix: ")
 
 
 def test_missing_checkpoint(tmp_path):
@@ -170,6 +236,7 @@ def test_allowlisted_target_passes_the_check(tmp_path):
         check_config(compose_config(["+model.extra._target_=collections.OrderedDict"], tmp_path))  # nested too
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 def test_resume_from_a_truncated_checkpoint_is_refused_and_the_run_kept(tmp_path):
     """A damaged resume file stops the job before anything is built; the finished run and its files are untouched."""
     result = train(compose_config([*FAST_TINY], tmp_path))
@@ -185,6 +252,7 @@ def test_resume_from_a_truncated_checkpoint_is_refused_and_the_run_kept(tmp_path
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 def test_resume_auto_with_only_damaged_checkpoints_is_refused(tmp_path):
     train(compose_config([*FAST_TINY], tmp_path))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -211,11 +279,14 @@ def test_new_job_in_a_folder_with_undelivered_tracking_records_is_refused(tmp_pa
     [
         ([], r"task=sync needs run_dir=<the training job's folder>"),
         (["run_dir=/nonexistent/job"], r"run_dir=/nonexistent/job: no tracking records in /nonexistent/job/tracking"),
+        # the run spec is checked before sync runs too
+        (["run_dir=/nonexistent/job", "+tracking.experiment=a"], r"unknown key 'tracking.experiment'.*Did you mean"),
+        (["run_dir=3"], r"^run_dir=3 has the wrong type: expected a string or null"),
     ],
 )
 def test_sync_without_records(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        sync(compose_config(["task=sync", *overrides], tmp_path))
+        execute(compose_config(["task=sync", *overrides], tmp_path))  # checked, then synced
 
 
 def run_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -241,10 +312,11 @@ def finished_job(tmp_path: Path):
     return result, snapshot(tmp_path)
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=efficientnet_b2"], r"the checkpoint was written by model resnext_test \(10 classes\); this command "),
+        (["model=efficientnet_b2"], r"resume=.*: the checkpoint was written by model resnext_test \(10 classes\)"),
         ([TEST_MODEL, "engine.ema_decay=0.99"], r"does not fit this run's training state: it lacks ema\."),
         ([TEST_MODEL, "optimizer=adamw"], r"does not fit this run's training state: it lacks "),
     ],
@@ -258,6 +330,7 @@ def test_resume_that_does_not_fit_is_refused_and_the_run_untouched(tmp_path, fin
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 def test_resuming_a_finished_run_does_nothing_unless_given_more_epochs(tmp_path, finished_job):
     result, before = finished_job
     again = train(compose_config([*FAST_TINY, "resume=auto"], tmp_path))
@@ -270,6 +343,7 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_epochs(tmp_path,
     assert len(mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_top1")) == 2
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 def test_runs_uri_continues_from_the_newest_job_of_the_run(tmp_path, finished_job):
     """``resume=runs:/<id>`` from a new folder continues the run there; the same command again finds that folder's
     newer state (the run's ``run_dir`` follows the newest job), so it has nothing left to do."""
@@ -285,6 +359,7 @@ def test_runs_uri_continues_from_the_newest_job_of_the_run(tmp_path, finished_jo
     assert run.data.tags["run_dir"] == str(tmp_path / "second")
 
 
+@pytest.mark.slow  # trains a job first (the train task, ~6 s)
 @pytest.mark.parametrize("kind", ["png", "truncated", "other model"])
 def test_eval_of_a_file_that_is_no_fitting_checkpoint_is_one_line(tmp_path, finished_job, kind):
     result, before = finished_job
@@ -300,7 +375,8 @@ def test_eval_of_a_file_that_is_no_fitting_checkpoint_is_one_line(tmp_path, fini
     else:
         path, message = (
             last,
-            r"ckpt=.* was written by model resnext_test, 10 classes; this command builds efficientnet_b2",
+            r"ckpt=.*: the checkpoint was written by model resnext_test \(10 classes\); this command builds "
+            "efficientnet_b2. Select its model",
         )
     model = ["model=efficientnet_b2"] if kind == "other model" else [TEST_MODEL]
     with pytest.raises(ConfigError, match=message):

@@ -12,6 +12,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from framework.config import ConfigError
+from framework.tasks import execute
 from framework.tasks.compare import compare
 from tests.conftest import all_runs, empty_mlflow_db, mlflow_client
 
@@ -199,5 +200,5 @@ UNKNOWN_ID = "feedface" * 4
 )
 def test_bad_selection_fails_before_logging(store, make_config, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        compare(make_config("task=compare", override.format(**store)))
+        execute(make_config("task=compare", override.format(**store)))  # checked, then compared
     assert compare_runs(tmp_path) == [] and not (tmp_path / "run" / "comparison.csv").exists()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 import pytest
-from hydra.utils import get_method, instantiate
+from hydra.utils import get_method, get_object, instantiate
 
+from framework import config
 from framework.config import build
 from framework.data.pipeline import ImageData
 from framework.data.synthetic import write_image_folder
@@ -37,7 +39,10 @@ def test_task_targets_resolve(make_config, task):
     assert callable(get_method(cfg.task._target_))
 
 
-@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize(
+    "model",  # full-size models take seconds each to build: slow tier
+    [pytest.param(m, marks=() if m.endswith("_test") else pytest.mark.slow) for m in choices("model")],
+)
 def test_model_choices_build(make_config, model):
     cfg = make_config(f"model={model}")
     network = instantiate(cfg.model)
@@ -124,3 +129,75 @@ def test_tracking_uri_from_environment(make_config, monkeypatch):
 def test_debug_choices_compose(make_config, debug):
     cfg = make_config(f"debug={debug}")
     assert cfg.engine.epochs >= 1
+
+
+# --- the schema: every setting declared next to its parameter ---------------------------------
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+# What a choice needs besides itself to compose (benchmark settings live in task=benchmark).
+NEEDS = {"benchmark": ["task=benchmark"]}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_setting_of_every_choice_is_annotated_on_its_target(make_config, group):
+    """Each key of each ``_target_`` of each choice has a type the schema check reads (types, ``Literal``s,
+    ``Annotated`` ranges): no table of keys beside the signatures is needed."""
+    for choice in choices(group):
+        cfg = make_config(f"{group}={choice}", *NEEDS.get(group, []))
+        for path, node in config._target_nodes(cfg):
+            obj = get_object(node._target_)
+            obj = obj.schema_of(node) if hasattr(obj, "schema_of") else obj
+            accepted, hints = config._accepted_keys(obj), config._type_hints(obj)
+            assert accepted is not None, f"{group}={choice}: {path} ({node._target_}) takes any keyword: no schema"
+            for key in node:
+                if key not in config._HYDRA_KEYS:
+                    assert key in hints, f"{group}={choice}: {path}.{key} has no annotation on {node._target_}"
+
+
+def test_no_range_table_only_the_top_level_schema():
+    assert not hasattr(config, "RANGES")
+    assert all("." not in key for key in config.TOP_LEVEL) and set(config.TOP_LEVEL) < set(config.TOP_LEVEL_KEYS)
+
+
+# The keys config.RANGES held, with a value outside each range: now declared on the targets' parameters.
+FORMER_RANGES = {
+    "dataset.batch_size": 0,
+    "dataset.eval_batch_size": -8,
+    "dataset.image_size": 0,
+    "scheduler.lr": 0,
+    "scheduler.warmup_epochs": -1,
+    "optimizer.weight_decay": -1e-4,
+    "optimizer.momentum": 1.0,
+    "loss.label_smoothing": 1.0,
+    "engine.epochs": 0,
+    "engine.eval_every_n_epochs": 0,
+    "engine.keep_checkpoint_max": 0,
+    "engine.checkpoint_every_n_epochs": -1,
+    "engine.checkpoint_every_n_steps": -1,
+    "engine.accumulation_steps": 0,
+    "engine.max_nonfinite_steps": 0,
+    "engine.clip_grad_norm": 0,
+    "engine.ema_decay": 1.0,
+    "engine.loss_scale_value": 0,
+    "engine.early_stopping.patience": 0,
+    "engine.early_stopping.min_delta": -0.1,
+}
+PATH_NEEDED = {choice: ["dataset.path=/data"] for choice in ("folder", "folder_small", "imagenet")}
+
+
+@pytest.mark.parametrize("key", FORMER_RANGES)
+def test_former_ranges_hold_for_every_choice_of_their_group(make_config, key):
+    """Every choice of a group whose target takes the setting refuses it out of range (every scheduler's lr,
+    every optimizer's momentum), from the annotation alone: no object is built."""
+    group, setting = key.split(".", 1)
+    checked = 0
+    for choice in choices(group):
+        cfg = make_config(f"{group}={choice}", *PATH_NEEDED.get(choice, []))
+        accepted = config._accepted_keys(get_object(cfg[group]._target_))
+        if setting.split(".")[0] not in accepted:
+            continue  # e.g. scheduler=linear names its peak lr lr_max
+        bad = make_config(f"{group}={choice}", *PATH_NEEDED.get(choice, []), f"++{key}={FORMER_RANGES[key]}")
+        with pytest.raises(config.ConfigError, match=rf"^{re.escape(key)} must be (>|>=|in) .*, got .*\. Fix: "):
+            config.check_config(bad)
+        checked += 1
+    assert checked >= 1

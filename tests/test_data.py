@@ -219,6 +219,7 @@ def test_corrupt_image_is_fatal_when_configured(tmp_path, tree_with_bad_files, c
     assert failed.info.status == "FAILED"
 
 
+@pytest.mark.slow  # trains a job (the train task)
 def test_training_logs_class_map_and_bad_images(tmp_path, tree_with_bad_files):
     root, bad = tree_with_bad_files
     cfg = folder_config(tmp_path, root, "dataset.batch_size=6", "dataset.image_size=16", "engine.epochs=1", *HEAVY)
@@ -233,6 +234,7 @@ def test_training_logs_class_map_and_bad_images(tmp_path, tree_with_bad_files):
     assert set(listed) == bad
 
 
+@pytest.mark.slow  # trains a job (the train task)
 def test_a_val_split_lacking_a_class_is_warned_and_counts_are_logged(tmp_path, capsys):
     root = write_image_folder(tmp_path / "tree", 2, 8, 2, size=(40, 30))
     shutil.rmtree(root / "val" / "class_001")
@@ -287,7 +289,7 @@ def test_num_classes_is_checked_against_the_folders(tmp_path, tree):
         ("dataset.augment.scale=[0.5,0.1]", r"dataset.augment.scale must be \[min, max\]"),
         ("dataset.interpolation=cubic", r"dataset.interpolation must be one of"),
         ("dataset.mixup.mode=pairs", r"mixup.mode must be one of"),
-        ("dataset.on_bad_image=ignore", r"dataset.on_bad_image must be 'skip' or 'error'"),
+        ("dataset.on_bad_image=ignore", r"dataset.on_bad_image must be one of 'skip', 'error', got 'ignore'"),
     ],
 )
 def test_bad_pipeline_settings_fail_at_build(tmp_path, tree, override, message):

@@ -49,7 +49,8 @@ def test_rule_follows_the_mode_and_is_off_without_patience():
     [
         ("engine.early_stopping.patience=0", "engine.early_stopping.patience must be > 0, got 0"),
         ("engine.early_stopping.min_delta=-0.1", "engine.early_stopping.min_delta must be >= 0, got -0.1"),
-        ("engine.early_stopping.mode=up", "engine.early_stopping.mode='up' has the wrong type: expected 'max' | 'min'"),
+        ("engine.early_stopping.mode=up", "engine.early_stopping.mode must be one of 'max', 'min', got 'up'. Fix: "),
+        ("engine.early_stopping.mode=3", "engine.early_stopping.mode=3 has the wrong type: expected 'max' | 'min'"),
         ("engine.early_stopping.patience=2.5", "engine.early_stopping.patience=2.5 has the wrong type"),
     ],
 )

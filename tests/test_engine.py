@@ -11,10 +11,11 @@ import pytest
 from mlflow.entities import RunStatus
 
 from framework.engine import load_checkpoint, save_checkpoint
-from framework.engine.checkpoint import read_checkpoint
+from framework.engine.checkpoint import MICRO_STEP, latest_training_state, read_checkpoint
 from framework.engine.losses import HeadsLoss
 from framework.optim.schedules import cosine, multistep
 from framework.tracking import MlflowTracker
+from framework.tracking.spool import Spool
 from tests.conftest import all_runs, mlflow_client
 
 
@@ -42,6 +43,20 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     mismatch = r"does not fit the configured model: bias: .*weight: checkpoint \(3, 4\) vs model \(5, 4\)"
     with pytest.raises(ValueError, match=mismatch):
         load_checkpoint(path, nn.Dense(4, 5))
+
+
+def test_checkpoints_and_spools_written_before_the_micro_step_name_still_load(tmp_path):
+    """Earlier files call the micro-step "global_step" (checkpoints) and "at" (spool records)."""
+    rng_state = ms.get_rng_state().asnumpy().tolist()
+    save_checkpoint(nn.Dense(4, 3), tmp_path / "last.ckpt", {"global_step": 6, "rng_state": rng_state})
+    save_checkpoint(nn.Dense(4, 3), tmp_path / "step_00000004.ckpt", {MICRO_STEP: 4, "rng_state": rng_state})
+    path, (_, meta), problems = latest_training_state(tmp_path)
+    assert path == tmp_path / "last.ckpt" and meta[MICRO_STEP] == 6 and "global_step" not in meta and not problems
+    spool = Spool()  # in memory: the same records
+    for micro_step in (3, 5):
+        spool.append({"kind": "metrics", "at": micro_step, "items": [["train_loss", 1.0, 0, micro_step]]})
+    spool.append({"kind": "metrics", "micro_step": 7, "items": [["train_loss", 1.0, 0, 7]]})
+    assert spool.discard_metrics_after(4) == 2 and [r["items"][0][3] for r in spool.pending()] == [3]
 
 
 def test_truncated_checkpoint_is_reported(tmp_path):

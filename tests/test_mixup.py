@@ -208,7 +208,7 @@ def test_bad_mixup_arguments_name_the_config_key(kwargs, name):
 
 
 def test_bad_mode_lists_the_choices():
-    with pytest.raises(ValueError, match=re.escape("mixup.mode must be one of batch, pair, elem, got 'x'")):
+    with pytest.raises(ValueError, match=re.escape("mixup.mode must be one of 'batch', 'pair', 'elem', got 'x'")):
         Mixup(mode="x")
 
 
@@ -319,7 +319,7 @@ def test_erasing_same_seed_same_output():
     [
         ({"probability": 1.5}, "re_prob"),
         ({"probability": -0.1}, "re_prob"),
-        ({"mode": "noise"}, "re_mode must be one of pixel, rand, const, got 'noise'"),
+        ({"mode": "noise"}, "re_mode must be one of 'pixel', 'rand', 'const', got 'noise'"),
         ({"min_area": 0.5, "max_area": 0.2}, "min_area < max_area"),
         ({"max_area": 1.5}, "min_area < max_area"),
         ({"min_aspect": 0.0}, "min_aspect"),

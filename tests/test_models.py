@@ -1,7 +1,14 @@
-"""Model zoo: parameter counts against the references, output shapes at native and small inputs."""
+"""Model zoo: parameter counts against the references, output shapes at native and small inputs, a gradient for
+every parameter, and stored reference logits (tests/reference_logits.json) that pin each architecture.
+
+After a deliberate architecture change, regenerate the reference logits (all models, slow ones included) with
+``REGENERATE_REFERENCE_LOGITS=1 python -m pytest tests/test_models.py -k reference_logits``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -10,10 +17,11 @@ import numpy as np
 import pytest
 
 from framework.config import build
-from framework.engine.losses import HeadsLoss
+from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.models import create_model, list_models
 from framework.models.layers import DropPath, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU
+from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
 
 # Trainable parameters at 1000 classes, as timm counts them (BatchNorm statistics excluded).
@@ -33,8 +41,14 @@ REFERENCE_PARAMS = {
     "conformer_ti": 23_524_704,  # official code (paper: 23.5 M)
     "nasnet_a_mobile": 5_289_978,  # Keras NASNetMobile trainable, auxiliary head excluded
 }
-# Models for tests and smoke runs only: no published reference.
-TEST_MODELS = {"resnext_test"}
+# Models for tests and smoke runs only (no published reference) → the full model whose code path each takes.
+TEST_MODELS = {
+    "resnext_test": "resnext50_32x4d",
+    "efficientnet_test": "efficientnet_b0",
+    "nfnet_test": "nfnet_f0",
+    "conformer_test": "conformer_ti",
+    "nasnet_test": "nasnet_a_mobile",
+}
 # Builder arguments for the count: the auxiliary head is a training device, not part of the model.
 COUNT_KWARGS = {"nasnet_a_mobile": {"aux_factor": 0.0}}
 # Native input size of the seed recipes' models.
@@ -45,6 +59,18 @@ NATIVE_SIZE = {
     "conformer_ti": 224,
     "nasnet_a_mobile": 224,
 }
+# Stored logits of every registered model, and how they were made.
+REFERENCE_LOGITS = Path(__file__).with_name("reference_logits.json")
+REGENERATE = "REGENERATE_REFERENCE_LOGITS=1 python -m pytest tests/test_models.py -k reference_logits"
+REFERENCE_SETTINGS = {
+    "seed": 0,  # mindspore.set_seed, before create_model
+    "num_classes": 5,
+    "input_shape": [1, 3, 32, 32],
+    "input": "numpy.random.default_rng(0).standard_normal(input_shape, float32)",
+    "zero_params": "all-zero trainable parameters set to numpy.random.default_rng(0).normal(0, 0.1) in order",
+    "mode": "eval",
+    "regenerate": REGENERATE,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +79,14 @@ def pynative() -> None:
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_parameter_count_matches_reference(name):
     network = create_model(name, num_classes=1000, **COUNT_KWARGS.get(name, {}))
-    assert sum(int(np.prod(p.shape)) for p in network.trainable_params()) == REFERENCE_PARAMS[name]
+    assert _count(network) == REFERENCE_PARAMS[name]
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 @pytest.mark.parametrize("name", sorted(NATIVE_SIZE))
 def test_output_shape_at_native_and_small_size(name):
     network = create_model(name, num_classes=7)
@@ -69,18 +97,32 @@ def test_output_shape_at_native_and_small_size(name):
 
 
 def test_every_registered_model_has_a_reference():
-    assert set(REFERENCE_PARAMS) | TEST_MODELS == set(list_models())
+    assert set(REFERENCE_PARAMS) | set(TEST_MODELS) == set(list_models())
 
 
+def _count(network: nn.Cell) -> int:
+    return sum(int(np.prod(p.shape)) for p in network.trainable_params())
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_test_models_are_small_variants_of_the_full_models(name):
+    """A test model is built by its full model's class (the same code path), at under 1 % of its parameters."""
+    network = create_model(name, num_classes=10)
+    assert type(network) is model_class(TEST_MODELS[name])
+    assert _count(network) < 0.01 * REFERENCE_PARAMS[TEST_MODELS[name]]
+
+
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 def test_test_model_is_a_small_resnext():
     """resnext_test is ResNeXt-50's code path (same parameter names, grouped 3×3 convs) at under 1 % of its size."""
     small, full = create_model("resnext_test", num_classes=10), create_model("resnext50_32x4d", num_classes=10)
     names = {p.name for p in small.trainable_params()}
     assert names < {p.name for p in full.trainable_params()} and "layer4.0.downsample.0.weight" in names
-    assert sum(int(np.prod(p.shape)) for p in small.trainable_params()) < 0.01 * REFERENCE_PARAMS["resnext50_32x4d"]
+    assert _count(small) < 0.01 * REFERENCE_PARAMS["resnext50_32x4d"]
     assert small.layer1[0].conv2.group == 4
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 def test_parameter_names_are_stable():
     names = [p.name for p in create_model("resnext50_32x4d").trainable_params()]
     assert names[:2] == ["conv1.weight", "bn1.gamma"] and names[-2:] == ["head.fc.weight", "head.fc.bias"]
@@ -94,11 +136,12 @@ def test_parameter_names_are_stable():
 
 
 def test_unknown_model_name_lists_registered():
-    registered = "conformer_ti, efficientnet_b0.*nasnet_a_mobile, nfnet_f0, resnext101_32x4d.*resnext50_32x4d"
+    registered = "conformer_test, conformer_ti, efficientnet_b0.*nasnet_test, nfnet_f0, nfnet_test, resnext101.*_test"
     with pytest.raises(ValueError, match=f"unknown model 'resnet9'.*{registered}"):
         create_model("resnet9")
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 @pytest.mark.parametrize(("name", "heads"), [("nasnet_a_mobile", 2), ("conformer_ti", 2), ("resnext50_32x4d", 1)])
 def test_training_heads_and_eval_logits(name, heads):
     """Multi-head models give one logits tensor per head while training and a single one at eval."""
@@ -118,6 +161,7 @@ def test_training_heads_and_eval_logits(name, heads):
         np.testing.assert_allclose(eval_out.asnumpy(), conv_logits + trans_logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 def test_nasnet_aux_weight_and_bn_momentum():
     network = create_model("nasnet_a_mobile", num_classes=10, aux_factor=0.25, bn_momentum=0.9)
     assert network.head_loss_weights == (1.0, 0.25)
@@ -173,6 +217,7 @@ def test_model_config_trains_and_loss_falls(make_config, model):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
+@pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "nfnet_f0"])
 def test_drop_path_grows_linearly_to_the_last_block(name):
     network = create_model(name, num_classes=10, drop_path_rate=0.2)
@@ -197,3 +242,78 @@ def test_gamma_gelu_is_the_tanh_gelu_times_gamma():
     x = ms.Tensor(np.linspace(-6, 6, 101, dtype=np.float32))
     expected = nn.GELU(approximate=True)(x).asnumpy() * GELU_GAMMA
     np.testing.assert_allclose(GammaGELU()(x).asnumpy(), expected, atol=2e-6)
+
+
+def _quick_if_test_model(names: list[str]) -> list:
+    """Parameters for ``names``; full-size models take 2-10 s each here and go to the slow tier."""
+    return [pytest.param(name, marks=() if name in TEST_MODELS else pytest.mark.slow) for name in names]
+
+
+def _seeded_model(name: str, **kwargs) -> nn.Cell:
+    """``name`` at 5 classes from seed 0, with every all-zero trainable parameter (zero-init last BatchNorm gammas,
+    NFNet's skip gains, biases) set to small seeded random values: a zero gain makes everything before it on its
+    branch get no gradient and leave no trace in the logits."""
+    ms.set_seed(0)
+    network = create_model(name, num_classes=5, **kwargs)
+    rng = np.random.default_rng(0)
+    for param in network.trainable_params():
+        if not param.asnumpy().any():
+            param.set_data(ms.Tensor(rng.normal(0.0, 0.1, param.shape).astype(np.float32)))
+    return network
+
+
+@pytest.mark.parametrize("name", _quick_if_test_model(list_models()))
+def test_train_step_gives_every_parameter_a_finite_nonzero_gradient(name):
+    """One training step (all heads' loss, batch of 4 at 32 px): no parameter is cut off from the loss or gets
+    inf/NaN. Drop path is off: a branch dropped for the whole batch legitimately gets no gradient."""
+    network = _seeded_model(name, drop_path_rate=0.0)
+    network.set_train(True)
+    params = network.trainable_params()
+    images = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32), np.float32))
+    labels = ms.Tensor(np.arange(4, dtype=np.int32))
+    _, grads = ms.value_and_grad(HeadsLoss(network, CrossEntropy()), None, params)(images, labels)
+    # Exactly zero, not small: a parameter cut off from the loss gets exact zeros, while e.g. a bias just before a
+    # BatchNorm gets rounding-level gradients only (the BatchNorm removes it), which is no defect.
+    bad = [f"{p.name} ({'not finite' if not np.isfinite(g).all() else 'all zero'})"
+           for p, g in zip(params, (g.asnumpy() for g in grads), strict=True)
+           if not np.isfinite(g).all() or not g.any()]  # fmt: skip
+    assert not bad, f"{name}: {len(bad)} of {len(params)} parameters get no usable gradient: {', '.join(bad)}"
+
+
+def _reference_logits(name: str) -> np.ndarray:
+    network = _seeded_model(name)
+    network.set_train(False)
+    images = np.random.default_rng(0).standard_normal(REFERENCE_SETTINGS["input_shape"], np.float32)
+    return network(ms.Tensor(images)).asnumpy()
+
+
+def _store_reference_logits(name: str, logits: np.ndarray) -> None:
+    """Add or replace ``name``'s entry, drop unregistered models' and write one line per setting and per model."""
+    stored = json.loads(REFERENCE_LOGITS.read_text()) if REFERENCE_LOGITS.exists() else {}
+    entries = {key: value for key, value in stored.get("logits", {}).items() if key in list_models()}
+    entries[name] = logits.tolist()
+    lines = [f" {json.dumps(key)}: {json.dumps(value)}," for key, value in REFERENCE_SETTINGS.items()]
+    models = ",\n".join(f"  {json.dumps(key)}: {json.dumps(entries[key])}" for key in sorted(entries))
+    REFERENCE_LOGITS.write_text("{\n" + "\n".join(lines) + f'\n "logits": {{\n{models}\n }}\n}}\n')
+
+
+@pytest.mark.parametrize("name", _quick_if_test_model(list_models()))
+def test_reference_logits_pin_the_architecture(name):
+    """Seeded initialisation and a fixed input give the stored logits (rtol 1e-5, plus atol 1e-5 for logits near
+    0; the thread count moves them by ~2e-6 relative), so any change of layers, widths, strides or init fails."""
+    logits = _reference_logits(name)
+    if os.environ.get("REGENERATE_REFERENCE_LOGITS") == "1":
+        _store_reference_logits(name, logits)
+        pytest.skip(f"regenerated the reference logits of {name} in {REFERENCE_LOGITS.name}")
+    stored = json.loads(REFERENCE_LOGITS.read_text())
+    settings = {key: stored.get(key) for key in REFERENCE_SETTINGS}
+    assert settings == REFERENCE_SETTINGS, f"made with other settings: run {REGENERATE}"
+    assert name in stored["logits"], f"no reference logits for {name}: run {REGENERATE}"
+    np.testing.assert_allclose(
+        logits, stored["logits"][name], rtol=1e-5, atol=1e-5,
+        err_msg=f"{name}'s logits changed: if its architecture or init changed on purpose, run {REGENERATE}",
+    )  # fmt: skip
+
+
+def test_reference_logits_cover_exactly_the_registered_models():
+    assert sorted(json.loads(REFERENCE_LOGITS.read_text())["logits"]) == list_models(), f"run {REGENERATE}"

@@ -221,13 +221,18 @@ def test_agc_inside_train_one_step_cell():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"name": "adam"}, r"optimizer.name must be one of sgd, momentum, adamw, rmsprop_tf, sgd_agc, got 'adam'"),
+        (
+            {"name": "adam"},
+            r"optimizer.name must be one of 'sgd', 'momentum', 'adamw', 'rmsprop_tf', 'sgd_agc', got 'adam'. "
+            r"Fix: optimizer.name=adamw",
+        ),
         ({"weight_decay": -1e-4}, r"optimizer.weight_decay must be >= 0"),
         ({"momentum": 1.0}, r"optimizer.momentum must be in \[0, 1\)"),
         ({"momentum": -0.1}, r"optimizer.momentum must be in \[0, 1\)"),
         ({"momentum": 0.0, "nesterov": True}, r"optimizer.nesterov needs optimizer.momentum > 0"),
         ({"eps": 0.0}, r"optimizer.eps must be > 0"),
-        ({"betas": [0.9]}, r"optimizer.betas must be two values"),
+        ({"betas": [0.9]}, r"optimizer.betas must be 2 values, got \[0.9\]"),
+        ({"betas": [0.9, 1.0]}, r"optimizer.betas\[1\] must be in \[0, 1\), got 1.0"),
         ({"rmsprop_decay": 1.0}, r"optimizer.rmsprop_decay must be in \[0, 1\)"),
         ({"agc_clipping": 0.0}, r"optimizer.agc_clipping must be > 0"),
         ({"agc_eps": -1.0}, r"optimizer.agc_eps must be > 0"),

@@ -141,7 +141,7 @@ def test_kill9_and_sigterm_at_random_points_then_resume_auto_ends_as_a_straight_
     stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d\); training state saved in (\S+\.ckpt)", err)
     assert stopped, err[-3000:]
     _, meta = read_checkpoint(stopped.group(2), meta_only=True)
-    assert meta["global_step"] == int(stopped.group(1)) >= last_step(lines)  # nothing done is lost
+    assert meta["micro_step"] == int(stopped.group(1)) >= last_step(lines)  # nothing done is lost
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "KILLED"
     command = re.search(r"continue it with: (python run\.py .*)", err).group(1)
@@ -172,7 +172,7 @@ def test_sigterm_inside_an_accumulation_stops_at_its_end_and_resumes_exactly(tmp
     stopped = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d\); training state saved in (\S+\.ckpt)", err)
     assert stopped and int(stopped.group(1)) % 2 == 0 and int(stopped.group(1)) >= 10, err[-3000:]
     _, meta = read_checkpoint(stopped.group(2), meta_only=True)
-    assert meta["global_step"] == int(stopped.group(1))
+    assert meta["micro_step"] == int(stopped.group(1))
     resumed = start_job(store, run_dir, ACCUMULATED, "resume=auto")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
@@ -189,7 +189,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:-50_000])
     resume = resolve_resume("auto", build(cfg, "tracking"), tmp_path / "run", tmp_path / "download")
-    assert resume.path == checkpoints / "step_00000004.ckpt" and resume.state.micro_steps == 4
+    assert resume.path == checkpoints / "step_00000004.ckpt" and resume.state.micro_step == 4
     assert resume.run_id == all_runs(mlflow_client(tmp_path))[0].info.run_id
     assert "passed over cannot read checkpoint" in capsys.readouterr().out
 
@@ -208,7 +208,7 @@ def test_nonfinite_loss_stops_the_run_with_the_last_good_checkpoint(tmp_path):
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.info.status == "FAILED"
     params, meta = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert meta["global_step"] == 4  # the end of epoch 1, before the streak
+    assert meta["micro_step"] == 4  # the end of epoch 1, before the streak
     assert all(np.isfinite(p.asnumpy()).all() for p in params.values())
     losses = [m.value for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train_loss")]
     assert sum(not np.isfinite(v) for v in losses) == 3  # the bad steps are on record
@@ -305,7 +305,7 @@ def test_spool_survives_a_torn_write_and_drops_only_undelivered_metrics_after_th
     spool = Spool(folder)
     spool.set_state(run_id="r1")
     for step in range(1, 7):
-        spool.append({"kind": "metrics", "at": step, "items": [["train_loss", 1.0 / step, 0, step]]})
+        spool.append({"kind": "metrics", "micro_step": step, "items": [["train_loss", 1.0 / step, 0, step]]})
     spool.append({"kind": "tags", "items": {"a": "b"}})
     spool.mark_delivered(2)
     with open(folder / "records.jsonl", "a") as file:
@@ -315,7 +315,7 @@ def test_spool_survives_a_torn_write_and_drops_only_undelivered_metrics_after_th
     assert len(reopened.records) == 7  # the torn line is gone, nothing else
     assert reopened.discard_metrics_after(4) == 2  # steps 5 and 6: the resumed job logs them again
     kept = Spool(folder).pending()
-    assert [r.get("at") for r in kept] == [3, 4, None]
+    assert [r.get("micro_step") for r in kept] == [3, 4, None]
     reopened.mark_delivered(len(kept))
     assert (folder / "records.jsonl").read_text() == "" and Spool(folder).pending() == []
 

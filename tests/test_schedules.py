@@ -244,7 +244,7 @@ def test_lr_scaling_rules(make_config, rule, expected):
 def test_lr_scaling_refuses_unknown_rule_and_bad_reference():
     from framework.optim.schedules import LrScaling
 
-    with pytest.raises(ValueError, match="lr_scaling.rule must be one of none, linear, sqrt, got 'cubic'"):
+    with pytest.raises(ValueError, match="lr_scaling.rule must be one of 'none', 'linear', 'sqrt', got 'cubic'"):
         LrScaling("cubic")
     with pytest.raises(ValueError, match="reference_batch_size must be > 0"):
         LrScaling("linear", 0)

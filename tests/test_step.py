@@ -125,8 +125,8 @@ def test_mixed_precision_levels_train_on_cpu(level, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("engine.amp_level=O4", "engine.amp_level must be one of O0, O1, O2, O3"),
-    ("engine.loss_scale=auto", "engine.loss_scale must be one of none, static, dynamic"),
+    ("engine.amp_level=O4", "engine.amp_level must be one of 'O0', 'O1', 'O2', 'O3', got 'O4'. Fix: "),
+    ("engine.loss_scale=auto", "engine.loss_scale must be one of 'none', 'static', 'dynamic', got 'auto'. Fix: "),
     ("engine.eval_ema=true", "engine.eval_ema=true needs engine.ema_decay"),
 ])  # fmt: skip
 def test_bad_engine_values_fail_before_training(tmp_path, override, message):
@@ -158,7 +158,7 @@ def test_resume_continues_exactly(tmp_path):
         result = train(resumed_cfg)
         assert len(result.history) == 2  # the history before the checkpoint came back with it
         resumed, meta = read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
-        assert meta["global_step"] == 8
+        assert meta["micro_step"] == 8
         for key in final:  # weights, BN statistics, moments, optimizer step, loss scale, EMA
             np.testing.assert_array_equal(resumed[key].asnumpy(), final[key], err_msg=key)
     assert len(all_runs(client)) == 1  # the resumed jobs continued the same MLflow run

@@ -8,12 +8,14 @@ the same pipeline (transforms, mixup, sharding) as an ImageNet folder.
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, Literal
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from framework.data.pipeline import ImageData
+from framework.schema import OpenFraction
 
 
 class ArraySource:
@@ -36,11 +38,9 @@ class ArraySource:
 class DigitsData(ImageData):
     """The digits set: ``val_fraction`` of it, stratified by class with ``split_seed``, is the val split."""
 
-    def __init__(self, val_fraction: float, split_seed: int, num_classes: int = 10, **pipeline) -> None:
-        if num_classes != 10:
-            raise ValueError(f"dataset.num_classes must be 10 for digits, got {num_classes}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+    def __init__(
+        self, val_fraction: Annotated[float, OpenFraction], split_seed: int, num_classes: Literal[10] = 10, **pipeline
+    ) -> None:
         super().__init__(**pipeline)
         digits = load_digits()
         # 0..16 grey levels → 0..255 uint8, HWC with three identical channels.

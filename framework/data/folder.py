@@ -11,30 +11,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import threading
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
 
 from framework.data.pipeline import ImageData
+from framework.errors import UserError
+from framework.schema import Positive
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MAX_CONSECUTIVE_BAD = 50
 log = logging.getLogger(__name__)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image file cannot be decoded (with ``dataset.on_bad_image=error``, or too many in a row)."""
 
-
-def bad_image_message(err: BaseException) -> str | None:
-    """The BadImageError message inside ``err``; MindSpore re-raises worker errors as a long RuntimeError report."""
-    if isinstance(err, BadImageError):
-        return str(err)
-    match = re.search(r"folder\.BadImageError: (.+)", str(err))
-    return match.group(1) if match else None
+    kind = "data error"
 
 
 def scan_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -136,13 +132,11 @@ class ImageFolderData(ImageData):
         path: str,
         train_dir: str = "train",
         val_dir: str = "val",
-        num_classes: int | None = None,
-        on_bad_image: str = "skip",
+        num_classes: Annotated[int, Positive] | None = None,
+        on_bad_image: Literal["skip", "error"] = "skip",
         bad_image_log: str | None = None,
         **pipeline,
     ) -> None:
-        if on_bad_image not in ("skip", "error"):
-            raise ValueError(f"dataset.on_bad_image must be 'skip' or 'error', got '{on_bad_image}'")
         super().__init__(**pipeline)
         root = Path(path).expanduser()
         if not root.is_dir():

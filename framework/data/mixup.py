@@ -7,15 +7,19 @@ corrected to the pasted box area); randomness comes only from the caller's ``np.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 
-MODES = ("batch", "pair", "elem")
+from framework.schema import Fraction, HalfOpenFraction, NonNegative, checked
+
+MixupMode = Literal["batch", "pair", "elem"]  # dataset.mixup.mode
+MODES = get_args(MixupMode)
 
 Box = tuple[int, int, int, int]  # top, bottom, left, right (bottom/right exclusive)
 
 
-def one_hot_smoothed(labels: np.ndarray, num_classes: int, smoothing: float) -> np.ndarray:
+def one_hot_smoothed(labels: np.ndarray, num_classes: int, smoothing: Annotated[float, HalfOpenFraction]) -> np.ndarray:
     """Labels → float32 (N, num_classes) targets: off ``smoothing / num_classes``, on ``1 - smoothing + off``."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -24,8 +28,6 @@ def one_hot_smoothed(labels: np.ndarray, num_classes: int, smoothing: float) -> 
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
     off = smoothing / num_classes
     targets = np.full((len(labels), num_classes), off, dtype=np.float32)
     targets[np.arange(len(labels)), labels] = 1.0 - smoothing + off
@@ -63,27 +65,18 @@ class Mixup:
     ``label_smoothing`` is folded into the targets.
     """
 
+    @checked("dataset.mixup")
     def __init__(
         self,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        cutmix_minmax: Sequence[float] | None = None,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        mode: str = "batch",
+        mixup_alpha: Annotated[float, NonNegative] = 0.0,
+        cutmix_alpha: Annotated[float, NonNegative] = 0.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        prob: Annotated[float, Fraction] = 1.0,
+        switch_prob: Annotated[float, Fraction] = 0.5,
+        mode: MixupMode = "batch",
         correct_lam: bool = True,
-        label_smoothing: float = 0.1,
+        label_smoothing: Annotated[float, HalfOpenFraction] = 0.1,
     ) -> None:
-        for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
-            if not alpha >= 0.0:
-                raise ValueError(f"dataset.mixup.{name} must be >= 0 (0 disables it), got {alpha}")
-        for name, p in (("prob", prob), ("switch_prob", switch_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"dataset.mixup.{name} is a probability in [0, 1], got {p}")
-        if mode not in MODES:
-            raise ValueError(f"dataset.mixup.mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"dataset.mixup.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.cutmix_minmax = None if cutmix_minmax is None else _check_minmax(cutmix_minmax)
         self.mixup_alpha = float(mixup_alpha)
         # As timm: a min/max box turns CutMix on, with alpha 1 only deciding whether a batch is mixed.

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import mindspore.dataset as ds
 import mindspore.dataset.transforms as T
@@ -18,7 +17,11 @@ from mindspore import dtype as mstype
 
 from framework.data.mixup import Mixup
 from framework.data.sampler import ShardSampler, shard_size
-from framework.data.transforms import TrainAugment, eval_ops, interpolation_mode
+from framework.data.transforms import Interpolation, TrainAugment, eval_ops
+from framework.schema import Positive, Range
+
+Size = Annotated[int, Positive]  # pixels, images per batch, workers
+Rgb = tuple[float, float, float]  # dataset.mean, on the 0..1 scale
 
 SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
@@ -48,32 +51,26 @@ class ImageData:
 
     def __init__(
         self,
-        image_size: int,
-        batch_size: int,
-        eval_batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        image_size: Size,
+        batch_size: Size,
+        eval_batch_size: Size,
+        mean: Rgb,
+        std: tuple[Annotated[float, Positive], Annotated[float, Positive], Annotated[float, Positive]],
         augment: TrainAugment,
         mixup: Mixup | None = None,
-        eval_image_size: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bilinear",
-        num_parallel_workers: int = 2,
+        eval_image_size: Size | None = None,
+        crop_pct: Annotated[float, Range(0, 1, low_inclusive=False)] = 0.875,
+        interpolation: Interpolation = "bilinear",
+        num_parallel_workers: Size = 2,
         python_multiprocessing: bool = False,
-        prefetch_size: int = 16,
+        prefetch_size: Size = 16,
         seed: int = 0,
     ) -> None:
-        interpolation_mode(interpolation)  # validate now, not inside a worker
-        eval_ops(eval_image_size or image_size, crop_pct, interpolation, mean, std)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"dataset.mean and dataset.std need 3 values (RGB), got {list(mean)} and {list(std)}")
         self.image_size, self.eval_image_size = image_size, eval_image_size or image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.mean, self.std = list(mean), list(std)
         self.augment, self.mixup = augment, mixup if mixup is not None and mixup.active else None
         self.crop_pct, self.interpolation = crop_pct, interpolation
-        if num_parallel_workers < 1:
-            raise ValueError(f"dataset.num_parallel_workers must be >= 1, got {num_parallel_workers}")
         cores = os.cpu_count() or 1
         if num_parallel_workers > cores:  # MindSpore refuses more workers than cores
             log.warning("dataset.num_parallel_workers=%d > %d cores here; using %d", num_parallel_workers, cores, cores)

@@ -7,10 +7,14 @@ fill); randomness comes only from the caller's ``np.random.Generator``.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 
-MODES = ("pixel", "rand", "const")
+from framework.schema import Fraction, Positive, checked
+
+ErasingMode = Literal["pixel", "rand", "const"]  # dataset.augment.re_mode
+MODES = get_args(ErasingMode)
 ATTEMPTS = 10
 
 
@@ -24,21 +28,19 @@ class RandomErasing:
     log-uniform in [``min_aspect``, ``max_aspect``] (default ``1 / min_aspect``).
     """
 
+    @checked("dataset.augment", probability="re_prob", mode="re_mode", max_count="re_count")
     def __init__(
         self,
-        probability: float = 0.25,
-        mode: str = "pixel",
+        probability: Annotated[float, Fraction] = 0.25,
+        mode: ErasingMode = "pixel",
         min_area: float = 0.02,
         max_area: float = 1 / 3,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
         min_count: int = 1,
-        max_count: int | None = None,
+        max_count: Annotated[int, Positive] | None = None,
     ) -> None:
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"dataset.augment.re_prob is a probability in [0, 1], got {probability}")
-        if mode not in MODES:
-            raise ValueError(f"dataset.augment.re_mode must be one of {', '.join(MODES)}, got '{mode}'")
+        # the settings of dataset.augment are checked from their annotations; these others are not config keys
         if not 0.0 <= min_area < max_area <= 1.0:
             raise ValueError(f"RandomErasing needs 0 <= min_area < max_area <= 1, got {min_area} and {max_area}")
         max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect

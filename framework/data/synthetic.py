@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from framework.data.folder import ImageFolderData
+from framework.schema import Positive
 
 
 def synthetic_image(rng: np.random.Generator, label: int, width: int, height: int) -> Image.Image:
@@ -84,10 +86,10 @@ class SyntheticFolderData(ImageFolderData):
     def __init__(
         self,
         path: str,
-        num_classes: int = 10,
-        train_images: int = 2000,
-        val_images: int = 100,
-        image_size_wh: Sequence[int] = (500, 375),
+        num_classes: Annotated[int, Positive] = 10,
+        train_images: Annotated[int, Positive] = 2000,
+        val_images: Annotated[int, Positive] = 100,
+        image_size_wh: tuple[Annotated[int, Positive], Annotated[int, Positive]] = (500, 375),
         image_seed: int = 0,
         **folder,
     ) -> None:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import mindspore.dataset as ds
 import mindspore.dataset.vision as vision
 import numpy as np
 
 from framework.data.auto_augment import AutoAugment, parse_auto_augment
-from framework.data.random_erasing import RandomErasing
+from framework.data.random_erasing import ErasingMode, RandomErasing
+from framework.schema import Fraction, Positive
 
+Interpolation = Literal["bilinear", "bicubic", "nearest"]  # dataset.interpolation
 INTERPOLATIONS = {"bilinear": vision.Inter.BILINEAR, "bicubic": vision.Inter.BICUBIC, "nearest": vision.Inter.NEAREST}
 
 
-def interpolation_mode(name: str) -> vision.Inter:
-    if name not in INTERPOLATIONS:
-        raise ValueError(f"dataset.interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{name}'")
+def interpolation_mode(name: Interpolation) -> vision.Inter:
     return INTERPOLATIONS[name]
 
 
@@ -37,22 +38,20 @@ def normalize_ops(mean: Sequence[float], std: Sequence[float]) -> list:
 class TrainAugment:
     """Train-time augmentation settings (``dataset.augment``); names follow timm and the seed recipes."""
 
-    scale: Sequence[float] = (0.08, 1.0)
-    ratio: Sequence[float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: Annotated[float, Fraction] = 0.5
     auto_augment: str | None = None
-    re_prob: float = 0.0
-    re_mode: str = "pixel"
-    re_count: int = 1
+    re_prob: Annotated[float, Fraction] = 0.0
+    re_mode: ErasingMode = "pixel"
+    re_count: Annotated[int, Positive] = 1
 
     def __post_init__(self) -> None:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
         for name, pair, upper in (("scale", self.scale, 1.0), ("ratio", self.ratio, math.inf)):
-            if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= upper:
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= upper:  # a relation of two values: not a Range
                 bound = "<= 1" if upper == 1.0 else ""
                 raise ValueError(f"dataset.augment.{name} must be [min, max] with 0 < min <= max {bound}, got {pair}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"dataset.augment.hflip is a probability in [0, 1], got {self.hflip}")
         # Fail at build time, not in a worker thread mid-epoch.
         if self.auto_augment:
             parse_auto_augment(self.auto_augment)
@@ -66,7 +65,7 @@ class TrainAugment:
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        interpolation: str,
+        interpolation: Interpolation,
         seed: int,
         workers: int,
         python_multiprocessing: bool,
@@ -113,10 +112,11 @@ def eval_resize_size(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct)
 
 
-def eval_ops(image_size: int, crop_pct: float, interpolation: str, mean: Sequence[float], std: Sequence[float]) -> list:
-    """Resize the shorter side to ``image_size / crop_pct``, center-crop ``image_size``, normalise."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"dataset.crop_pct must be in (0, 1], got {crop_pct}")
+def eval_ops(
+    image_size: int, crop_pct: float, interpolation: Interpolation, mean: Sequence[float], std: Sequence[float]
+) -> list:
+    """Resize the shorter side to ``image_size / crop_pct``, center-crop ``image_size``, normalise (the values of
+    ``dataset.*``, in the ranges ``ImageData`` declares)."""
     return [
         vision.Resize(eval_resize_size(image_size, crop_pct), interpolation_mode(interpolation)),
         vision.CenterCrop(image_size),

@@ -19,6 +19,10 @@ from mindspore import Parameter, Tensor
 
 META_KEY = "framework_meta"
 CHECKSUM_KEY = "weights_sha256"  # in the metadata: SHA-256 of the weights saved with it
+# In the metadata: micro-batches trained when the file was written (the optimizer has made micro_step /
+# accumulation_steps updates). Files written before this name call it "global_step"; they are read the same.
+MICRO_STEP = "micro_step"
+_OLD_MICRO_STEP = "global_step"
 
 
 def save_checkpoint(weights: nn.Cell | dict[str, Parameter], path: Path, meta: dict[str, Any]) -> Path:
@@ -65,6 +69,8 @@ def read_checkpoint(path: str | Path, meta_only: bool = False) -> tuple[dict[str
     except (RuntimeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
     checksum = meta.pop(CHECKSUM_KEY, None)  # callers get back the metadata they wrote
+    if _OLD_MICRO_STEP in meta:
+        meta.setdefault(MICRO_STEP, meta.pop(_OLD_MICRO_STEP))
     if not meta_only and checksum is not None and weights_sha256(params) != checksum:
         raise ValueError(
             f"checkpoint {path} is corrupt: its weights do not match the SHA-256 written with them. "
@@ -75,7 +81,12 @@ def read_checkpoint(path: str | Path, meta_only: bool = False) -> tuple[dict[str
 
 def is_training_state(meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's metadata belongs to a training-state file (resumable), not weights only."""
-    return "global_step" in meta and "rng_state" in meta
+    return MICRO_STEP in meta and "rng_state" in meta
+
+
+def checkpoint_micro_step(meta: dict[str, Any]) -> int:
+    """The micro-step a training-state checkpoint (its metadata as read) was written at."""
+    return int(meta[MICRO_STEP])
 
 
 def latest_training_state(
@@ -94,7 +105,7 @@ def latest_training_state(
             problems.append(str(err))
             continue
         if is_training_state(meta):
-            found.append((int(meta["global_step"]), path.name == "last.ckpt", path))
+            found.append((checkpoint_micro_step(meta), path.name == "last.ckpt", path))
     for _, _, path in sorted(found, reverse=True):
         try:
             content = read_checkpoint(path)  # reads every tensor, checks the checksum

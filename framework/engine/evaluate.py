@@ -6,7 +6,7 @@ import mindspore.dataset as ds
 import mindspore.nn as nn
 import numpy as np
 
-from framework.launch.distributed import SINGLE_PROCESS, World
+from framework.runtime.world import SINGLE_PROCESS, World
 
 
 def evaluate(network: nn.Cell, loader: ds.Dataset, world: World = SINGLE_PROCESS) -> dict[str, float]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Tensor
+
+from framework.schema import HalfOpenFraction
 
 
 class CrossEntropy(nn.Cell):
@@ -14,10 +18,8 @@ class CrossEntropy(nn.Cell):
     timm's SoftTargetCrossEntropy expects), so they are scored as given: ``-Σ t·log_softmax(z)``.
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: Annotated[float, HalfOpenFraction] = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
     def construct(self, logits: Tensor, labels: Tensor) -> Tensor:

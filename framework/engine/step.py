@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Literal, get_args
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -30,22 +31,18 @@ from mindspore import ParameterTuple, Tensor, amp
 from mindspore.communication import get_group_size
 from mindspore.rewrite.common import namespace
 
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
-LOSS_SCALES = ("none", "static", "dynamic")
+AmpLevel = Literal["O0", "O1", "O2", "O3"]  # engine.amp_level, checked by the schema (framework.engine.Trainer)
+LossScale = Literal["none", "static", "dynamic"]  # engine.loss_scale
+AMP_LEVELS, LOSS_SCALES = get_args(AmpLevel), get_args(LossScale)
 
 
-def make_loss_scaler(kind: str, value: float, factor: int, window: int) -> amp.LossScaler | None:
-    """None for ``none``, else ``static`` (fixed ``value``) or ``dynamic`` (start at ``value``, ×/÷ ``factor``)."""
-    if kind not in LOSS_SCALES:
-        raise ValueError(f"engine.loss_scale must be one of {', '.join(LOSS_SCALES)}, got '{kind}'")
+def make_loss_scaler(kind: LossScale, value: float, factor: int, window: int) -> amp.LossScaler | None:
+    """None for ``none``, else ``static`` (fixed ``value``) or ``dynamic`` (start at ``value``, ×/÷ ``factor``
+    after ``window`` finite steps); the values are ``Trainer``'s, in the ranges its signature declares."""
     if kind == "none":
         return None
-    if value <= 0:
-        raise ValueError(f"engine.loss_scale_value must be > 0, got {value}")
     if kind == "static":
         return amp.StaticLossScaler(float(value))
-    if factor <= 1 or window < 1:
-        raise ValueError(f"engine.loss_scale_factor must be > 1 and loss_scale_window >= 1, got {factor}, {window}")
     return amp.DynamicLossScaler(float(value), int(factor), int(window))
 
 
@@ -142,10 +139,6 @@ class TrainStep:
         accumulation_steps: int = 1,
         grad_reducer: nn.Cell | None = None,
     ) -> None:
-        if accumulation_steps < 1:
-            raise ValueError(f"engine.accumulation_steps must be >= 1, got {accumulation_steps}")
-        if clip_grad_norm is not None and clip_grad_norm <= 0:
-            raise ValueError(f"engine.clip_grad_norm must be > 0 or null, got {clip_grad_norm}")
         self.loss_scaler, self.optimizer = loss_scaler, optimizer
         self.accumulation_steps, self.micro_step = accumulation_steps, 0
         accumulated = optimizer.parameters.clone(prefix="accumulated", init="zeros") if accumulation_steps > 1 else None
@@ -174,8 +167,6 @@ class EMA:
     """Exponential moving average of every network weight, BatchNorm statistics included (as timm's ModelEmaV2)."""
 
     def __init__(self, network: nn.Cell, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"engine.ema_decay must be in (0, 1) or null, got {decay}")
         self.params = ParameterTuple(network.get_parameters())
         self.shadow = self.params.clone(prefix="ema", init="same")
         params, shadow = self.params, self.shadow
@@ -201,10 +192,8 @@ class EMA:
                 ops.assign(param, value)
 
 
-def apply_amp(network: nn.Cell, amp_level: str) -> nn.Cell:
+def apply_amp(network: nn.Cell, amp_level: AmpLevel) -> nn.Cell:
     """Cast ``network`` for mixed precision; O0 leaves it in fp32."""
-    if amp_level not in AMP_LEVELS:
-        raise ValueError(f"engine.amp_level must be one of {', '.join(AMP_LEVELS)}, got '{amp_level}'")
     if amp_level == "O0":
         return network
     # MindSpore's AMP rewrite parses the source of every function the network calls, except "third-party" ones,

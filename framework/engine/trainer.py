@@ -7,7 +7,7 @@ it stopped: same weights, optimizer moments, lr position, loss scale, EMA, RNG a
 
 A NaN/Inf loss skips its update; ``max_nonfinite_steps`` of them in a row stop the run (``TrainingDiverged``)
 with the last checkpoint written before them. SIGTERM/SIGINT in a single process end the run after the
-current step, with its state saved (``framework.launch.signals.deferred_stop``).
+current step, with its state saved (``framework.runtime.signals.deferred_stop``).
 
 Data parallel (``World`` of several ranks): each rank trains on its shard of every epoch, gradients are
 averaged in the step, validation is sharded and summed over ranks; only rank 0 logs and writes files.
@@ -17,33 +17,36 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 from mindspore import Parameter
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from framework.data.pipeline import ImageData
-from framework.engine.checkpoint import restore_parameters, save_checkpoint
+from framework.engine.checkpoint import MICRO_STEP, checkpoint_micro_step, restore_parameters, save_checkpoint
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
 from framework.engine.observers import EarlyStopping, Observer, Stop
-from framework.engine.step import AMP_LEVELS, EMA, TrainStep, apply_amp, make_loss_scaler
-from framework.launch.distributed import SINGLE_PROCESS, World
-from framework.launch.signals import Interrupted, deferred_stop, signal_name, stop_requested
+from framework.engine.step import EMA, AmpLevel, LossScale, TrainStep, apply_amp, make_loss_scaler
+from framework.errors import UserError
 from framework.optim.schedules import Schedule, UpdateLr
-from framework.tracking import MlflowRun
+from framework.runtime.signals import Interrupted, signal_name, stop_requested
+from framework.runtime.world import SINGLE_PROCESS, World
+from framework.schema import NonNegative, OpenFraction, Positive, Range
 
 _FLOAT_TYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss stayed NaN/Inf for ``max_nonfinite_steps`` consecutive steps."""
+
+    kind = "training error"
 
 
 @dataclass
@@ -80,8 +83,9 @@ class TrainingState:
     meta: dict[str, Any]
 
     @property
-    def micro_steps(self) -> int:
-        return int(self.meta["global_step"])
+    def micro_step(self) -> int:
+        """The micro-step (micro-batches trained) the state was written at."""
+        return checkpoint_micro_step(self.meta)
 
     def mismatch(self, state: dict[str, Parameter]) -> str | None:
         """Why these tensors cannot be this run's state (the first missing tensor or differing shape), or None."""
@@ -98,33 +102,29 @@ class Trainer:
 
     def __init__(
         self,
-        epochs: int,
-        eval_every_n_epochs: int = 1,
-        checkpoint_every_n_epochs: int = 0,
-        checkpoint_every_n_steps: int = 0,
-        keep_checkpoint_max: int = 1,
+        epochs: Annotated[int, Positive],
+        eval_every_n_epochs: Annotated[int, Positive] = 1,
+        checkpoint_every_n_epochs: Annotated[int, NonNegative] = 0,
+        checkpoint_every_n_steps: Annotated[int, NonNegative] = 0,
+        keep_checkpoint_max: Annotated[int, Positive] = 1,
         monitor: str = "val_top1",
-        monitor_mode: str = "max",
-        limit_train_batches: int | None = None,
-        amp_level: str = "O0",
-        loss_scale: str = "none",
-        loss_scale_value: float = 1024.0,
-        loss_scale_factor: int = 2,
-        loss_scale_window: int = 1000,
-        clip_grad_norm: float | None = None,
-        accumulation_steps: int = 1,
-        ema_decay: float | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
+        limit_train_batches: Annotated[int, NonNegative] | None = None,
+        amp_level: AmpLevel = "O0",
+        loss_scale: LossScale = "none",
+        loss_scale_value: Annotated[float, Positive] = 1024.0,
+        loss_scale_factor: Annotated[int, Range(1, low_inclusive=False)] = 2,
+        loss_scale_window: Annotated[int, Positive] = 1000,
+        clip_grad_norm: Annotated[float, Positive] | None = None,
+        accumulation_steps: Annotated[int, Positive] = 1,
+        ema_decay: Annotated[float, OpenFraction] | None = None,
         eval_ema: bool = False,
-        max_nonfinite_steps: int = 5,
+        max_nonfinite_steps: Annotated[int, Positive] = 5,
         early_stopping: EarlyStopping | None = None,
     ) -> None:
+        # Types, choices and ranges are the schema's (framework.config, before any task runs); this pair is not.
         if eval_ema and ema_decay is None:
             raise ValueError("engine.eval_ema=true needs engine.ema_decay (e.g. 0.9998)")
-        make_loss_scaler(loss_scale, loss_scale_value, loss_scale_factor, loss_scale_window)  # validate now
-        if monitor_mode not in ("max", "min"):
-            raise ValueError(f"engine.monitor_mode must be 'max' or 'min', got '{monitor_mode}'")
-        if amp_level not in AMP_LEVELS:
-            raise ValueError(f"engine.amp_level must be one of {', '.join(AMP_LEVELS)}, got '{amp_level}'")
         self.epochs = epochs
         self.eval_every_n_epochs = eval_every_n_epochs
         self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
@@ -165,8 +165,8 @@ class Trainer:
         stopped = resume.meta.get("stopped")
         if stopped:
             return f"training ended early after epoch {stopped['epoch']} ({stopped['reason']})"
-        if resume.micro_steps >= self.epochs * steps_per_epoch:
-            epochs = resume.micro_steps // steps_per_epoch
+        if resume.micro_step >= self.epochs * steps_per_epoch:
+            epochs = resume.micro_step // steps_per_epoch
             return f"it has trained all {epochs} epochs (engine.epochs={self.epochs})"
         return None
 
@@ -187,233 +187,237 @@ class Trainer:
         )
         return network, step
 
+    def evaluated_weights(self, ema: EMA | None) -> AbstractContextManager[None]:
+        """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
+        return ema.swapped_in() if ema is not None and self.eval_ema else nullcontext()
+
     def fit(
         self,
         prepared: Prepared,
         schedule: Schedule,
         data: ImageData,
-        run: MlflowRun | None,
         checkpoint_dir: Path,
         checkpoint_meta: dict[str, Any],
         resume: TrainingState | None = None,
         world: World = SINGLE_PROCESS,
-        observers: tuple[Observer, ...] = (),
+        observers: Sequence[Observer] = (),
     ) -> FitResult:
-        """Train (from the training state ``resume`` if given), logging to ``run`` (None: don't log).
+        """Train (from the training state ``resume`` if given), telling ``observers`` what happens.
 
-        The optimizer's learning rate is set to ``schedule[update]`` before each update. ``observers`` (and
-        ``early_stopping``) hear each evaluation and may end training after it. Over several ranks each
-        trains on its data shard; only the main rank writes checkpoints.
+        The optimizer's learning rate is set to ``schedule[update]`` before each update. Observers hear each
+        step, evaluation, epoch end and checkpoint (see ``Observer``) and may end training after an
+        evaluation. Over several ranks each trains on its data shard; only the main rank writes checkpoints.
+        A stop signal recorded by ``framework.runtime.signals.deferred_stop`` (entered by the caller) ends
+        training after the current accumulation, with its state saved.
         """
-        steps_per_epoch = self.steps_per_epoch(data.steps_per_epoch(world.size))
-        network, step, ema, update_lr, state = (
-            prepared.network, prepared.step, prepared.ema, prepared.update_lr, prepared.state
-        )  # fmt: skip
-        running_statistics = _running_statistics(network, ema)
-        result, done = FitResult(), 0
+        result, micro_step = FitResult(), 0
         if resume is not None:
-            done = self._resume(resume, state, result)
-            if self.ended(resume, steps_per_epoch):  # the train task says so before it opens the run
-                return result
-        step.micro_step = done
-        skipped = nonfinite = 0  # updates skipped by the loss scaler; consecutive steps with a NaN/Inf loss
-        observers = (self.early_stopping, *observers) if self.early_stopping is not None else observers
-        # several ranks must stop at the same step, which a signal to each cannot promise: they stop at once
-        stop_at_step_end = deferred_stop() if world.size == 1 else nullcontext()
-        with _progress() as progress, stop_at_step_end:
-            total = self.epochs * steps_per_epoch
-            task = progress.add_task("train", total=total, completed=done, loss=float("nan"), lr=0.0, ips=0.0)
-            for epoch in range(done // steps_per_epoch + 1, self.epochs + 1):
-                network.set_train(True)
-                progress.update(task, description=f"epoch {epoch}/{self.epochs}")
-                loader = data.loader("train", world.rank, world.size, epoch=epoch - 1)
-                loader = loader.take(steps_per_epoch).skip(done % steps_per_epoch)
-                images_seen, timed_since = 0, None
-                for images, labels in loader.create_tuple_iterator(num_epochs=1):
-                    lr = float(schedule[done // self.accumulation_steps])  # the update this micro-batch is part of
-                    update_lr.set(lr)
-                    loss, finite = step(images, labels)
-                    loss, finite = float(loss.asnumpy()), bool(finite.asnumpy())
-                    done = step.micro_step
-                    updated = done % self.accumulation_steps == 0  # this micro-batch ended an accumulation
-                    metrics = {"train_loss": loss, "lr": lr}
-                    if updated:
-                        if ema is not None and finite:
-                            ema.update()
-                        if step.loss_scaler is not None:  # overflowing updates are skipped, and counted
-                            skipped += not finite
-                            metrics.update(loss_scale=step.loss_scale, skipped_steps=skipped)
-                    if run is not None:
-                        run.log_metrics(metrics, step=done)
-                    if timed_since is None:  # the first step of an epoch may include graph compilation
-                        timed_since = time.perf_counter()
-                    else:
-                        images_seen += images.shape[0] * world.size  # all ranks: the job's throughput
-                    ips = images_seen / max(time.perf_counter() - timed_since, 1e-9)
-                    progress.update(task, advance=1, loss=loss, lr=lr, ips=ips)
-                    self._report(progress, task, epoch, done, total, loss, lr, ips, steps_per_epoch)
-                    nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
-                    if nonfinite >= self.max_nonfinite_steps:
-                        raise TrainingDiverged(self._diverged_message(loss, nonfinite, done, epoch, result))
-                    updates = done // self.accumulation_steps
-                    every = self.checkpoint_every_n_steps
-                    mid_epoch = done % steps_per_epoch != 0  # the epoch's end has its own checkpoint
-                    periodic = updated and every and updates % every == 0 and mid_epoch
-                    # a stop waits for the end of an accumulation: its partial gradient sum is not saved
-                    stopping = stop_requested() and mid_epoch and updated
-                    if (periodic or stopping) and world.is_main and not nonfinite:  # no state from a bad streak
-                        self._save_state(
-                            state, checkpoint_dir, checkpoint_meta, epoch - 1, done, result,
-                            f"step_{done:08d}" if periodic else None,
-                        )  # fmt: skip
-                        _deliver_metrics(run, done)
-                    if stopping:
-                        raise Interrupted(self._stopped_message(done, epoch, result), stop_requested())
-                world.average(running_statistics)  # same BatchNorm statistics on every rank, as timm's distribute_bn
-                epoch_metrics = {"epoch": epoch, "train_img_per_s": ips, **data.health_metrics()}
-                evaluated = epoch % self.eval_every_n_epochs == 0 or epoch == self.epochs
-                if evaluated:
-                    val = self._evaluate(network, data, ema, world)
-                    epoch_metrics.update({f"val_{k}": v for k, v in val.items()})
-                    progress.console.print(
-                        f"epoch {epoch}: val_loss {val['loss']:.4f}  val_top1 {val['top1']:.4f}  "
-                        f"val_top5 {val['top5']:.4f}  train {ips:.1f} img/s"
-                    )
-                if run is not None:
-                    run.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch, at=done)
-                result.history.append(epoch_metrics)
-                if evaluated:  # every evaluation is heard; after the last epoch there is nothing left to stop
-                    stopped = _stop_decision(observers, epoch, done, result.history, world)
-                    result.stopped = stopped if epoch < self.epochs else None
-                if not nonfinite:
-                    self._checkpoint_epoch(
-                        network, ema, state, epoch, done, epoch_metrics, result, checkpoint_dir, checkpoint_meta, world
-                    )
-                    _deliver_metrics(run, done)
-                if result.stopped is not None:
-                    progress.console.print(
-                        f"training ends after epoch {epoch}: {result.stopped['reason']}", soft_wrap=True
-                    )
-                    break
-                if stop_requested() and epoch < self.epochs:  # after the last epoch the run is simply done
-                    raise Interrupted(self._stopped_message(done, epoch, result), stop_requested())
-        return result
-
-    def _diverged_message(self, loss: float, count: int, done: int, epoch: int, result: FitResult) -> str:
-        last_good = result.checkpoints.get("last")
-        return (
-            f"train loss was {loss} for {count} consecutive steps (steps {done - count + 1}-{done}, epoch {epoch}; "
-            f"engine.max_nonfinite_steps={self.max_nonfinite_steps}); their updates were skipped. "
-            f"Last good checkpoint: {last_good or 'none written yet'}. "
-            "Lower scheduler.lr, set engine.clip_grad_norm, or check the data"
-        )
-
-    @staticmethod
-    def _stopped_message(done: int, epoch: int, result: FitResult) -> str:
-        saved, signum = result.checkpoints.get("last"), stop_requested() or signal.SIGTERM
-        return f"stopped by {signal_name(signum)} at step {done} (epoch {epoch}); training state saved in {saved}"
-
-    def _evaluated_weights(self, ema: EMA | None) -> AbstractContextManager[None]:
-        """Within it the network holds the weights that are evaluated and saved as best: EMA's or its own."""
-        return ema.swapped_in() if ema is not None and self.eval_ema else nullcontext()
-
-    def _evaluate(self, network: nn.Cell, data: ImageData, ema: EMA | None, world: World) -> dict[str, float]:
-        with self._evaluated_weights(ema):
-            return evaluate(network, data.loader("val", world.rank, world.size), world)
-
-    def _report(self, progress: Progress, task: int, epoch: int, done: int, total: int, loss: float, lr: float,
-                ips: float, steps_per_epoch: int) -> None:  # fmt: skip
-        """Logs and batch jobs get no live bar: a plain line ten times per epoch instead."""
-        if not progress.console.is_terminal and done % max(1, steps_per_epoch // 10) == 0:
-            remaining = progress.tasks[task].time_remaining
-            progress.console.print(
-                f"epoch {epoch}/{self.epochs} step {done}/{total} "
-                f"loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s eta {remaining or 0:.0f} s"
-            )
-
-    def _save_state(
-        self,
-        state: dict[str, Parameter],
-        directory: Path,
-        meta: dict[str, Any],
-        epoch: int,
-        done: int,
-        result: FitResult,
-        periodic_name: str | None,
-    ) -> None:
-        """Write the training state to last.ckpt and, if named, a periodic file (newest few kept)."""
-        meta = {
-            **meta, "epoch": epoch, "global_step": done, "history": result.history, "best": result.best,
-            "stopped": result.stopped, "rng_state": ms.get_rng_state().asnumpy().tolist(),
-        }  # fmt: skip
-        result.checkpoints["last"] = save_checkpoint(state, directory / "last.ckpt", meta)
-        if periodic_name:
-            save_checkpoint(state, directory / f"{periodic_name}.ckpt", meta)
-            prefix = periodic_name.split("_")[0]
-            for stale in sorted(directory.glob(f"{prefix}_*.ckpt"))[: -self.keep_checkpoint_max]:
-                stale.unlink()
-
-    def _checkpoint_epoch(
-        self,
-        network: nn.Cell,
-        ema: EMA | None,
-        state: dict[str, Parameter],
-        epoch: int,
-        done: int,
-        metrics: dict[str, float],
-        result: FitResult,
-        directory: Path,
-        meta: dict[str, Any],
-        world: World,
-    ) -> None:
-        """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files;
-        every rank keeps the same record, the main rank writes the files."""
-        value = metrics.get(self.monitor)
-        improved = value is not None and (
-            result.best is None or self.monitor_sign * (value - result.best[self.monitor]) > 0
-        )
-        if improved:
-            result.best = metrics
-        if not world.is_main:
-            return
-        if improved:
-            best_meta = {**meta, "epoch": epoch, "global_step": done, "metrics": metrics, "ema": self.eval_ema}
-            with self._evaluated_weights(ema):
-                result.checkpoints["best"] = save_checkpoint(network, directory / "best.ckpt", best_meta)
-        periodic = self.checkpoint_every_n_epochs and epoch % self.checkpoint_every_n_epochs == 0
-        self._save_state(state, directory, meta, epoch, done, result, f"epoch_{epoch:04d}" if periodic else None)
+            micro_step = self._resume(resume, prepared.state, result)
+            if self.ended(resume, self.steps_per_epoch(data.steps_per_epoch(world.size))):
+                return result  # the train task says so before it opens the run
+        prepared.step.micro_step = micro_step
+        fit = _Fit(self, prepared, schedule, data, world, tuple(observers), result, micro_step)
+        fit.checkpoint_dir, fit.checkpoint_meta = checkpoint_dir, checkpoint_meta
+        return fit.run()
 
     @staticmethod
     def _resume(resume: TrainingState, state: dict[str, Parameter], result: FitResult) -> int:
-        """Restore the training state ``resume``; returns the number of micro-steps already done."""
+        """Restore the training state ``resume``; returns the micro-step it was written at."""
         restore_parameters(state, resume.params)
         ms.set_rng_state(ms.Tensor(np.asarray(resume.meta["rng_state"], np.uint8)))
         result.history = list(resume.meta.get("history", []))
         result.best = resume.meta.get("best")
         result.stopped = resume.meta.get("stopped")
-        return resume.micro_steps
+        return resume.micro_step
+
+
+class _Fit:
+    """One call of ``Trainer.fit``: what it trains and the loop's running state (micro-step, streaks, speed)."""
+
+    checkpoint_dir: Path
+    checkpoint_meta: dict[str, Any]
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        prepared: Prepared,
+        schedule: Schedule,
+        data: ImageData,
+        world: World,
+        observers: tuple[Observer, ...],
+        result: FitResult,
+        micro_step: int,
+    ) -> None:
+        self.trainer, self.prepared, self.schedule, self.data, self.world = trainer, prepared, schedule, data, world
+        self.observers, self.result, self.micro_step = observers, result, micro_step
+        self.steps_per_epoch = trainer.steps_per_epoch(data.steps_per_epoch(world.size))
+        self.running_statistics = _running_statistics(prepared.network, prepared.ema)
+        self.skipped = 0  # updates skipped by the loss scaler
+        self.nonfinite = 0  # consecutive micro-steps with a NaN/Inf loss
+        self.img_per_s = 0.0
+
+    def run(self) -> FitResult:
+        self._emit("on_fit_start", self.trainer.epochs, self.steps_per_epoch, self.micro_step)
+        try:
+            for epoch in range(self.micro_step // self.steps_per_epoch + 1, self.trainer.epochs + 1):
+                self._train_epoch(epoch)
+                if self._end_epoch(epoch):
+                    break
+        finally:
+            self._emit("on_fit_end")
+        return self.result
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(*args)
+
+    def _train_epoch(self, epoch: int) -> None:
+        """The epoch's micro-batches from where the run stands (a resumed job skips those done)."""
+        self.prepared.network.set_train(True)
+        self._emit("on_epoch_start", epoch)
+        loader = self.data.loader("train", self.world.rank, self.world.size, epoch=epoch - 1)
+        loader = loader.take(self.steps_per_epoch).skip(self.micro_step % self.steps_per_epoch)
+        images_seen, timed_since = 0, None
+        for images, labels in loader.create_tuple_iterator(num_epochs=1):
+            metrics = self._step(images, labels)
+            if timed_since is None:  # the first step of an epoch may include graph compilation
+                timed_since = time.perf_counter()
+            else:
+                images_seen += images.shape[0] * self.world.size  # all ranks: the job's throughput
+            self.img_per_s = images_seen / max(time.perf_counter() - timed_since, 1e-9)
+            self._emit("on_step", epoch, self.micro_step, metrics, self.img_per_s)
+            self._after_step(epoch, metrics["train_loss"])
+
+    def _step(self, images: ms.Tensor, labels: ms.Tensor) -> dict[str, float]:
+        """One micro-batch at the lr of the update it is part of; its metrics (and the loss scaler's)."""
+        step, accumulation_steps = self.prepared.step, self.trainer.accumulation_steps
+        lr = float(self.schedule[self.micro_step // accumulation_steps])
+        self.prepared.update_lr.set(lr)
+        loss, finite = step(images, labels)
+        loss, finite = float(loss.asnumpy()), bool(finite.asnumpy())
+        self.micro_step = step.micro_step
+        metrics = {"train_loss": loss, "lr": lr}
+        if self._updated():
+            if self.prepared.ema is not None and finite:
+                self.prepared.ema.update()
+            if step.loss_scaler is not None:  # overflowing updates are skipped, and counted
+                self.skipped += not finite
+                metrics.update(loss_scale=step.loss_scale, skipped_steps=self.skipped)
+        self.nonfinite = 0 if np.isfinite(loss) else self.nonfinite + 1
+        return metrics
+
+    def _updated(self) -> bool:
+        """The micro-step just done ended an accumulation: the optimizer updated."""
+        return self.micro_step % self.trainer.accumulation_steps == 0
+
+    def _after_step(self, epoch: int, loss: float) -> None:
+        """End a diverged run; write a mid-epoch checkpoint when one is due or a stop signal waits for it."""
+        trainer = self.trainer
+        if self.nonfinite >= trainer.max_nonfinite_steps:
+            raise TrainingDiverged(self._diverged_message(loss, epoch))
+        every = trainer.checkpoint_every_n_steps
+        mid_epoch = self.micro_step % self.steps_per_epoch != 0  # the epoch's end has its own checkpoint
+        updated = self._updated()
+        periodic = updated and every and (self.micro_step // trainer.accumulation_steps) % every == 0 and mid_epoch
+        # a stop waits for the end of an accumulation: its partial gradient sum is not saved
+        stopping = stop_requested() and mid_epoch and updated
+        if (periodic or stopping) and self.world.is_main and not self.nonfinite:  # no state from a bad streak
+            self._save_state(epoch - 1, f"step_{self.micro_step:08d}" if periodic else None)
+        if stopping:
+            raise Interrupted(self._stopped_message(epoch), stop_requested())
+
+    def _end_epoch(self, epoch: int) -> bool:
+        """Average BatchNorm statistics over ranks, evaluate when due, checkpoint; True when training ends here."""
+        trainer, result = self.trainer, self.result
+        self.world.average(self.running_statistics)  # same statistics on every rank, as timm's distribute_bn
+        metrics = {"epoch": epoch, "train_img_per_s": self.img_per_s, **self.data.health_metrics()}
+        evaluated = epoch % trainer.eval_every_n_epochs == 0 or epoch == trainer.epochs
+        if evaluated:
+            with trainer.evaluated_weights(self.prepared.ema):
+                val = evaluate(
+                    self.prepared.network, self.data.loader("val", self.world.rank, self.world.size), self.world
+                )
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        self._emit("on_epoch_end", epoch, self.micro_step, metrics)
+        result.history.append(metrics)
+        if evaluated:  # every evaluation is heard; after the last epoch there is nothing left to stop
+            stopped = _stop_decision(self.observers, epoch, self.micro_step, result.history, self.world)
+            result.stopped = stopped if epoch < trainer.epochs else None
+        if not self.nonfinite:
+            self._checkpoint_epoch(epoch, metrics)
+        if result.stopped is not None:
+            self._emit("on_stop", epoch, result.stopped)
+            return True
+        if stop_requested() and epoch < trainer.epochs:  # after the last epoch the run is simply done
+            raise Interrupted(self._stopped_message(epoch), stop_requested())
+        return False
+
+    def _diverged_message(self, loss: float, epoch: int) -> str:
+        last_good, count, micro_step = self.result.checkpoints.get("last"), self.nonfinite, self.micro_step
+        return (
+            f"train loss was {loss} for {count} consecutive steps (steps {micro_step - count + 1}-{micro_step}, "
+            f"epoch {epoch}; engine.max_nonfinite_steps={self.trainer.max_nonfinite_steps}); their updates were "
+            f"skipped. Last good checkpoint: {last_good or 'none written yet'}. "
+            "Lower scheduler.lr, set engine.clip_grad_norm, or check the data"
+        )
+
+    def _stopped_message(self, epoch: int) -> str:
+        saved, signum = self.result.checkpoints.get("last"), stop_requested() or signal.SIGTERM
+        return (
+            f"stopped by {signal_name(signum)} at step {self.micro_step} (epoch {epoch}); "
+            f"training state saved in {saved}"
+        )
+
+    def _save_state(self, epoch: int, periodic_name: str | None) -> None:
+        """Write the training state to last.ckpt and, if named, a periodic file (newest few kept)."""
+        directory, result = self.checkpoint_dir, self.result
+        meta = {
+            **self.checkpoint_meta, "epoch": epoch, MICRO_STEP: self.micro_step, "history": result.history,
+            "best": result.best, "stopped": result.stopped, "rng_state": ms.get_rng_state().asnumpy().tolist(),
+        }  # fmt: skip
+        result.checkpoints["last"] = save_checkpoint(self.prepared.state, directory / "last.ckpt", meta)
+        if periodic_name:
+            save_checkpoint(self.prepared.state, directory / f"{periodic_name}.ckpt", meta)
+            prefix = periodic_name.split("_")[0]
+            for stale in sorted(directory.glob(f"{prefix}_*.ckpt"))[: -self.trainer.keep_checkpoint_max]:
+                stale.unlink()
+        self._emit("on_checkpoint", self.micro_step, result.checkpoints["last"])
+
+    def _checkpoint_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """last.ckpt every epoch, best.ckpt (the evaluated weights) when ``monitor`` improves, periodic files;
+        every rank keeps the same record, the main rank writes the files."""
+        trainer, result = self.trainer, self.result
+        value = metrics.get(trainer.monitor)
+        improved = value is not None and (
+            result.best is None or trainer.monitor_sign * (value - result.best[trainer.monitor]) > 0
+        )
+        if improved:
+            result.best = metrics
+        if not self.world.is_main:
+            return
+        if improved:
+            best_meta = {
+                **self.checkpoint_meta, "epoch": epoch, MICRO_STEP: self.micro_step, "metrics": metrics,
+                "ema": trainer.eval_ema,
+            }  # fmt: skip
+            with trainer.evaluated_weights(self.prepared.ema):
+                result.checkpoints["best"] = save_checkpoint(
+                    self.prepared.network, self.checkpoint_dir / "best.ckpt", best_meta
+                )
+        periodic = trainer.checkpoint_every_n_epochs and epoch % trainer.checkpoint_every_n_epochs == 0
+        self._save_state(epoch, f"epoch_{epoch:04d}" if periodic else None)
 
 
 def _stop_decision(
-    observers: tuple[Observer, ...], epoch: int, done: int, history: list[dict[str, float]], world: World
+    observers: tuple[Observer, ...], epoch: int, micro_step: int, history: list[dict[str, float]], world: World
 ) -> dict[str, Any] | None:
     """Every observer hears the evaluation; the first ``Stop`` ends training. Over several ranks all stop
     together: a stop only rank 0 can see (a sweep trial's pruning) reaches the others by an all-reduce."""
-    stops = [o.on_evaluation(epoch, done, history[-1], history) for o in observers]
+    stops = [o.on_evaluation(epoch, micro_step, history[-1], history) for o in observers]
     stop = next((s for s in stops if s is not None), None)
     if world.size > 1 and world.all_reduce_sum(np.array([float(stop is not None)]))[0] > 0 and stop is None:
         stop = Stop("rank0", "rank 0 ended training")
     return stop.record(epoch) if stop is not None else None
-
-
-def _deliver_metrics(run: MlflowRun | None, done: int) -> None:
-    """A checkpoint of step ``done`` is on disk: what was logged up to it may go to MLflow now.
-
-    Later metrics wait for the next checkpoint, so a job resumed from the newest one logs each step once.
-    """
-    if run is not None:
-        run.checkpointed = done
-        run.flush()
 
 
 def _training_state(
@@ -440,15 +444,3 @@ def _running_statistics(network: nn.Cell, ema: EMA | None) -> list[Parameter]:
     shadows = list(ema.shadow) if ema is not None else [None] * len(params)
     buffers = [(p, s) for p, s in zip(params, shadows, strict=True) if not p.requires_grad and p.dtype in _FLOAT_TYPES]
     return [p for p, _ in buffers] + [s for _, s in buffers if s is not None]
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=10),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.1f} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )

@@ -11,7 +11,8 @@ import mindspore.dataset as ds
 import numpy as np
 
 from framework.config import ConfigError
-from framework.launch.distributed import World, init_world, is_msrun_process
+from framework.launch.distributed import init_world
+from framework.runtime.world import World, is_msrun_process
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 _TARGETS = ("CPU", "GPU", "Ascend")

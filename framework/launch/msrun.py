@@ -1,8 +1,8 @@
 """Relaunch ``run.py`` through MindSpore's ``msrun`` for data-parallel training (``hardware.device_num`` > 1).
 
 The launching process runs no training itself: it starts msrun with the job's own overrides, waits, and
-then files every process's log into the job's MLflow run (which rank 0 created), checks that all ranks
-ended with the same weights, and marks the run FAILED or KILLED if the workers died without doing so.
+returns how the job ended (``JobOutcome``) with where its processes left their logs and weight checksums;
+the train task files those into the job's MLflow run (which rank 0 created).
 """
 
 from __future__ import annotations
@@ -14,23 +14,23 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-
+from framework.errors import UserError
 from framework.launch.hardware import Hardware
-from framework.launch.signals import Interrupted, signal_name
 from framework.paths import PROJECT_ROOT
-from framework.tracking import MlflowTracker
+from framework.runtime.signals import Interrupted, signal_name
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_.]*(Error|Exception|Interrupt|Diverged)|[a-z]+ error): ")
 RESULT_FILE = "train_result.json"  # written by rank 0: its MLflow run id, then the fit result
 
 
-class JobFailed(RuntimeError):
+class JobFailed(UserError, RuntimeError):
     """A data-parallel worker failed; msrun stopped the others."""
+
+    kind = "training error"
 
 
 def free_port() -> int:
@@ -64,10 +64,33 @@ def msrun_command(hardware: Hardware, overrides: list[str], run_dir: Path, maste
     ]
 
 
-def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: MlflowTracker) -> dict:
-    """Run the training job on ``hardware.world_size`` processes through msrun; returns rank 0's result.
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a data-parallel job ended: msrun's exit status, whether a signal stopped it (and which), and rank 0's
+    record (its MLflow run id, then its fit result; empty if it wrote none)."""
 
-    Raises ``JobFailed`` if a worker failed and ``KeyboardInterrupt`` if the job was interrupted.
+    returncode: int
+    interrupted: bool
+    signum: int
+    record: dict
+
+    def check(self, run_dir: Path) -> None:
+        """Raise ``Interrupted`` for a stopped job, ``JobFailed`` (with the workers' errors) for a failed one."""
+        if self.interrupted:
+            raise Interrupted(
+                f"data-parallel job stopped by {signal_name(self.signum)}; its workers were stopped", self.signum
+            )
+        if self.returncode != 0:
+            raise JobFailed(
+                f"data-parallel job failed (msrun exit status {self.returncode}){_worker_errors(run_dir)}; "
+                f"the workers' logs are in {run_dir / 'msrun'}"
+            )
+
+
+def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path) -> JobOutcome:
+    """Run the training job on ``hardware.world_size`` processes through msrun and wait for it to end.
+
+    Ctrl-C or SIGTERM here stops the workers (msrun stops them on SIGINT) and is reported in the outcome.
     """
     port = hardware.master_port or free_port()
     command = msrun_command(hardware, overrides, run_dir, port)
@@ -93,19 +116,23 @@ def relaunch(hardware: Hardware, overrides: list[str], run_dir: Path, tracker: M
         returncode = process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    result = _read_result(run_dir)
+    record = _read_result(run_dir)
     # msrun exits 0 when it was interrupted itself (it kills its workers on SIGINT): no final result then
-    interrupted = interrupted or (returncode == 0 and hardware.node_rank == 0 and "history" not in result)
-    if hardware.node_rank == 0 or "mlflow_run_id" in result:
-        _file_job_into_run(tracker, result.get("mlflow_run_id"), run_dir, returncode, interrupted)
-    if interrupted:
-        raise Interrupted(f"data-parallel job stopped by {signal_name(signum)}; its workers were stopped", signum)
-    if returncode != 0:
-        raise JobFailed(
-            f"data-parallel job failed (msrun exit status {returncode}){_worker_errors(run_dir)}; "
-            f"the workers' logs are in {run_dir / 'msrun'}"
-        )
-    return result
+    interrupted = interrupted or (returncode == 0 and hardware.node_rank == 0 and "history" not in record)
+    return JobOutcome(returncode, interrupted, signum, record)
+
+
+def job_logs(run_dir: Path) -> dict[str, list[Path]]:
+    """The job's log files by the artifact folder they belong in: msrun's, and each rank's Hydra log."""
+    logs = {"logs/msrun": sorted((run_dir / "msrun").glob("*.log"))}
+    for log in sorted(p for p in (run_dir / "ranks").glob("*/*.log") if p.stat().st_size):
+        logs.setdefault(f"logs/ranks/{log.parent.name}", []).append(log)
+    return logs
+
+
+def rank_checksums(run_dir: Path) -> dict[str, str]:
+    """The SHA-256 of the final weights each rank wrote (``rank_<N>`` → checksum)."""
+    return {p.parent.name: p.read_text().strip() for p in sorted((run_dir / "ranks").glob("*/weights.sha256"))}
 
 
 def _worker_errors(run_dir: Path) -> str:
@@ -121,34 +148,3 @@ def _worker_errors(run_dir: Path) -> str:
 def _read_result(run_dir: Path) -> dict:
     path = run_dir / RESULT_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _file_job_into_run(
-    tracker: MlflowTracker, run_id: str | None, run_dir: Path, returncode: int, interrupted: bool
-) -> None:
-    """Log every process's logs and weight checksum into rank 0's run; end it if the workers could not."""
-    if run_id is None:
-        print(f"rank 0 opened no MLflow run; the job's logs are in {run_dir}", file=sys.stderr)
-        return
-    client = tracker.client()
-    try:
-        for log in sorted((run_dir / "msrun").glob("*.log")):
-            client.log_artifact(run_id, str(log), "logs/msrun")
-        for log in sorted(p for p in (run_dir / "ranks").glob("*/*.log") if p.stat().st_size):
-            client.log_artifact(run_id, str(log), f"logs/ranks/{log.parent.name}")
-        checksums = {p.parent.name: p.read_text().strip() for p in sorted((run_dir / "ranks").glob("*/weights.sha256"))}
-        if checksums:
-            identical = len(set(checksums.values())) == 1
-            client.set_tag(run_id, "ranks_weights_identical", str(identical).lower())
-            if not identical:
-                print(f"warning: ranks ended with different weights: {checksums}", file=sys.stderr)
-        status = client.get_run(run_id).info.status
-        if status == RunStatus.to_string(RunStatus.RUNNING):  # the workers were killed before they could end it
-            for name in ("best", "last"):
-                checkpoint = run_dir / "checkpoints" / f"{name}.ckpt"
-                if checkpoint.is_file():
-                    client.log_artifact(run_id, str(checkpoint), "checkpoints")
-            ended = RunStatus.KILLED if interrupted else RunStatus.FAILED if returncode else RunStatus.FINISHED
-            client.set_terminated(run_id, RunStatus.to_string(ended))
-    except MlflowException as err:
-        print(f"could not file the job's logs into MLflow run {run_id}: {err.message}", file=sys.stderr)

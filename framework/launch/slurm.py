@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 
-from omegaconf import OmegaConf
-
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` → ``gpu07``."""
@@ -35,8 +33,3 @@ def slurm_gres(device_target: str, device_num: int) -> str | None:
     """The generic resource a node needs for ``device_num`` devices: ``gpu:N`` / ``npu:N``; none on CPU."""
     kind = {"GPU": "gpu", "Ascend": "npu"}.get(device_target)
     return f"{kind}:{device_num}" if kind else None
-
-
-if not OmegaConf.has_resolver("slurm_master_addr"):
-    OmegaConf.register_new_resolver("slurm_master_addr", slurm_master_addr)
-    OmegaConf.register_new_resolver("slurm_gres", slurm_gres)

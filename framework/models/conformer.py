@@ -232,8 +232,9 @@ class Conformer(nn.Cell):
     (global average pool → linear) and transformer head (LayerNorm on the cls token → linear).
 
     With ``conv_1``/``trans_1`` the blocks form three stages of ``depth / 3`` (CNN width ×1, ×2, ×4 of
-    ``64 · channel_ratio``, FCU stride ``patch_size / 4``, ``/ 8``, ``/ 16``); the first block of stages 2
-    and 3 and the last fusion block have stride 2 and a projection shortcut.
+    ``base_channels · channel_ratio``, FCU stride ``patch_size / 4``, ``/ 8``, ``/ 16``); the first block of
+    stages 2 and 3 and the last fusion block have stride 2 and a projection shortcut. ``base_channels`` is also
+    the stem width (64; the official code fixes the stem at 64 and calls the stage width ``base_channel``).
 
     ``drop_rate`` is the official one: dropout after the attention projection and in the MLP, not before the
     heads. While training, ``construct`` returns ``(conv_logits, trans_logits)`` (loss: the sum of their
@@ -264,6 +265,7 @@ class Conformer(nn.Cell):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        base_channels: int = BASE_CHANNELS,
     ) -> None:
         super().__init__()
         if depth % 3 != 0:
@@ -274,15 +276,15 @@ class Conformer(nn.Cell):
         dpr = linear_drop_path_rates(drop_path_rate, depth)
         block_args = (embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate)
 
-        self.conv1 = _conv(in_channels, BASE_CHANNELS, 7, stride=2, padding=3)
-        self.bn1 = _bn(BASE_CHANNELS, eps=1e-5)
+        self.conv1 = _conv(in_channels, base_channels, 7, stride=2, padding=3)
+        self.bn1 = _bn(base_channels, eps=1e-5)
         self.act1 = nn.ReLU()
         self.maxpool = StemMaxPool()
 
-        stage_channels = [int(BASE_CHANNELS * channel_ratio * 2**stage) for stage in range(3)]
+        stage_channels = [int(base_channels * channel_ratio * 2**stage) for stage in range(3)]
         trans_dw_stride = patch_size // 4  # the stem already reduces by 4
-        self.conv_1 = ConvBlock(BASE_CHANNELS, stage_channels[0], res_conv=True)
-        self.trans_patch_conv = _conv(BASE_CHANNELS, embed_dim, trans_dw_stride, stride=trans_dw_stride, has_bias=True)
+        self.conv_1 = ConvBlock(base_channels, stage_channels[0], res_conv=True)
+        self.trans_patch_conv = _conv(base_channels, embed_dim, trans_dw_stride, stride=trans_dw_stride, has_bias=True)
         self.trans_1 = Block(*block_args, dpr[0])
         self.cls_token = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, 1, embed_dim)), name="cls_token")
 
@@ -330,3 +332,10 @@ class Conformer(nn.Cell):
 def conformer_ti(**kwargs) -> Conformer:
     """Conformer-Ti (patch 16, channel ratio 1, embed 384, depth 12, 6 heads): 23.5 M parameters, 224 px."""
     return Conformer(**kwargs)
+
+
+@register_model
+def conformer_test(**kwargs) -> Conformer:
+    """Depth 6, embed 32, 2 heads, CNN widths 16-64 (~0.1 M parameters): Conformer-Ti's code path (all three
+    stages, both kinds of coupled block, both heads) at a fraction of its cost, for tests; not for accuracy."""
+    return Conformer(base_channels=16, embed_dim=32, depth=6, num_heads=2, **kwargs)

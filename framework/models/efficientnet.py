@@ -198,3 +198,10 @@ def efficientnet_b6(**kwargs) -> EfficientNet:
 @register_model
 def efficientnet_b7(**kwargs) -> EfficientNet:
     return _efficientnet("b7", **kwargs)
+
+
+@register_model
+def efficientnet_test(**kwargs) -> EfficientNet:
+    """Width 0.05, depth 0.5 (10 blocks of 8-16 channels, ~0.03 M parameters): EfficientNet's code path (both
+    block kinds, SE, residuals, drop path) at a fraction of B0's cost, for tests; not for accuracy."""
+    return EfficientNet(0.05, 0.5, **kwargs)

@@ -43,6 +43,7 @@ FILTER_MULTIPLIER = 2
 # slim's aux head ends in a conv whose kernel covers the remaining map; at the native 224 px that is
 # 14 px → 5×5/3 valid pool → 4 px. Parameters are fixed at construction, so the kernel is sized for 224 px.
 AUX_KERNEL = 4
+AUX_WIDTHS = (128, 768)  # slim's aux head: 1×1 projection, then the conv covering the map
 
 
 def _he_normal(in_ch: int, kernel: int) -> TruncatedNormal:
@@ -222,18 +223,21 @@ class AuxHead(nn.Cell):
     768-filter conv covers the whole remaining map, as in slim, with its kernel sized for 224 px
     (``AUX_KERNEL``); maps of any other size are brought to that size by adaptive average pooling (an
     identity at 224 px; a 1×1 map is replicated, which makes the conv a dense layer over the pooled
-    features), so the head's parameters do not depend on the input size.
+    features), so the head's parameters do not depend on the input size. ``widths``: the two convs' filters.
     """
 
-    def __init__(self, in_ch: int, num_classes: int, bn_momentum: float) -> None:
+    def __init__(self, in_ch: int, num_classes: int, bn_momentum: float, widths: tuple[int, int] = AUX_WIDTHS) -> None:
         super().__init__()
+        proj_ch, conv_ch = widths
         self.act = nn.ReLU()
         self.pool = nn.AvgPool2d(5, 3)
-        self.proj = nn.Conv2d(in_ch, 128, 1, has_bias=False, weight_init=XavierUniform())
-        self.bn0 = _bn(128, bn_momentum)
-        self.conv = nn.Conv2d(128, 768, AUX_KERNEL, pad_mode="valid", has_bias=False, weight_init=XavierUniform())
-        self.bn1 = _bn(768, bn_momentum)
-        self.fc = nn.Dense(768, num_classes, weight_init=XavierUniform(), bias_init="zeros")
+        self.proj = nn.Conv2d(in_ch, proj_ch, 1, has_bias=False, weight_init=XavierUniform())
+        self.bn0 = _bn(proj_ch, bn_momentum)
+        self.conv = nn.Conv2d(
+            proj_ch, conv_ch, AUX_KERNEL, pad_mode="valid", has_bias=False, weight_init=XavierUniform()
+        )
+        self.bn1 = _bn(conv_ch, bn_momentum)
+        self.fc = nn.Dense(conv_ch, num_classes, weight_init=XavierUniform(), bias_init="zeros")
 
     def construct(self, x: Tensor) -> Tensor:
         x = self.act(x)
@@ -250,11 +254,12 @@ class AuxHead(nn.Cell):
 
 
 class NASNetAMobile(nn.Cell):
-    """Stem conv → 2 reduction stem cells → 3 stacks of 4 normal cells joined by reduction cells → classifier.
+    """Stem conv → 2 reduction stem cells → 3 stacks of ``num_blocks`` (4) normal cells joined by reduction cells
+    → classifier; the cells of the first stack are ``penultimate_filters / 24`` (44) filters wide, doubling per stack.
 
     ``construct`` returns ``(logits, aux_logits)`` while training with ``aux_factor > 0`` and ``logits``
     otherwise; ``head_loss_weights = (1.0, aux_factor)`` weights the two cross-entropies. Drop path uses
-    slim's per-cell schedule ``drop_path_rate × (cell index + 1) / 16`` over all 16 cells (stem cells
+    slim's per-cell schedule ``drop_path_rate × (cell index + 1) / cells`` over all cells (16, stem cells
     included); slim additionally ramps it up over the training steps, which is left out here.
     ``bn_momentum`` is the weight kept on BatchNorm running statistics (TF decay): 0.9997 in the reference,
     which needs thousands of steps to settle; short runs want a smaller value.
@@ -274,20 +279,24 @@ class NASNetAMobile(nn.Cell):
         drop_path_rate: float = 0.0,
         aux_factor: float = 0.4,
         bn_momentum: float = 0.9997,
+        stem_filters: int = STEM_FILTERS,
+        penultimate_filters: int = PENULTIMATE_FILTERS,
+        num_blocks: int = NUM_BLOCKS,
+        aux_widths: tuple[int, int] = AUX_WIDTHS,
     ) -> None:
         super().__init__()
-        filters = PENULTIMATE_FILTERS // 24
-        total_cells = 2 + 3 * NUM_BLOCKS + 2
+        filters = penultimate_filters // 24
+        total_cells = 2 + 3 * num_blocks + 2
         rates = [drop_path_rate * (i + 1) / total_cells for i in range(total_cells)]
         self.stem_conv = nn.Conv2d(
-            in_channels, STEM_FILTERS, 3, stride=2, pad_mode="valid", has_bias=False,
+            in_channels, stem_filters, 3, stride=2, pad_mode="valid", has_bias=False,
             weight_init=_he_normal(in_channels, 3),
         )  # fmt: skip
-        self.stem_bn = _bn(STEM_FILTERS, bn_momentum)
+        self.stem_bn = _bn(stem_filters, bn_momentum)
         stem_0_filters = filters // FILTER_MULTIPLIER**2
         stem_1_filters = filters // FILTER_MULTIPLIER
-        self.cell_stem_0 = ReductionCell(STEM_FILTERS, None, stem_0_filters, 1, rates[0], bn_momentum)
-        self.cell_stem_1 = ReductionCell(4 * stem_0_filters, STEM_FILTERS, stem_1_filters, 2, rates[1], bn_momentum)
+        self.cell_stem_0 = ReductionCell(stem_filters, None, stem_0_filters, 1, rates[0], bn_momentum)
+        self.cell_stem_1 = ReductionCell(4 * stem_0_filters, stem_filters, stem_1_filters, 2, rates[1], bn_momentum)
         # Each cell sees (x, prev) = (previous output, the output before it); prev_stride is their size ratio.
         in_ch, prev_ch, prev_stride = 4 * stem_1_filters, 4 * stem_0_filters, 2
         blocks = []
@@ -298,7 +307,7 @@ class NASNetAMobile(nn.Cell):
                     ReductionCell(in_ch, prev_ch, stack_filters, prev_stride, rates[len(blocks) + 2], bn_momentum)
                 )
                 in_ch, prev_ch, prev_stride = 4 * stack_filters, in_ch, 2
-            for _ in range(NUM_BLOCKS):
+            for _ in range(num_blocks):
                 blocks.append(
                     NormalCell(in_ch, prev_ch, stack_filters, prev_stride, rates[len(blocks) + 2], bn_momentum)
                 )
@@ -309,7 +318,7 @@ class NASNetAMobile(nn.Cell):
         self.act = nn.ReLU()
         self.num_features = in_ch
         self.head = ClassifierHead(in_ch, num_classes, drop_rate, weight_init=XavierUniform(), bias_init="zeros")
-        self.aux_head = AuxHead(aux_ch, num_classes, bn_momentum) if aux_factor > 0 else None
+        self.aux_head = AuxHead(aux_ch, num_classes, bn_momentum, aux_widths) if aux_factor > 0 else None
         self.head_loss_weights = (1.0, aux_factor)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -336,3 +345,11 @@ class NASNetAMobile(nn.Cell):
 def nasnet_a_mobile(**kwargs) -> NASNetAMobile:
     """NASNet-A Mobile 4@1056: 5.3 M parameters at 1000 classes, 224 px."""
     return NASNetAMobile(**kwargs)
+
+
+@register_model
+def nasnet_test(**kwargs) -> NASNetAMobile:
+    """NASNet-A 1@96 with an 8-channel stem and an 8/16-channel aux head (~0.03 M parameters): the Mobile model's
+    code path (both cells, all three ways of adjusting the previous output, aux head) at a fraction of its cost,
+    for tests; not for accuracy."""
+    return NASNetAMobile(stem_filters=8, penultimate_filters=96, num_blocks=1, aux_widths=(8, 16), **kwargs)

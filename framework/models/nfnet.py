@@ -160,13 +160,15 @@ class NFNet(nn.Cell):
         drop_path_rate: float = 0.1,
         alpha: float = 0.2,
         group_size: int = 128,
+        stem_width: int = 128,
+        widths: tuple[int, int, int, int] = STAGE_CHANNELS,
     ) -> None:
         super().__init__()
-        self.stem = DeepQuadStem(in_channels, 128)
-        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(depths)), 0, 128
+        self.stem = DeepQuadStem(in_channels, stem_width)
+        rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(depths)), 0, stem_width
         expected_var = 1.0
         stages = []
-        for stage_idx, (depth, out_ch) in enumerate(zip(depths, STAGE_CHANNELS, strict=True)):
+        for stage_idx, (depth, out_ch) in enumerate(zip(depths, widths, strict=True)):
             blocks = []
             for i in range(depth):
                 stride = 2 if i == 0 and stage_idx > 0 else 1
@@ -178,7 +180,7 @@ class NFNet(nn.Cell):
                 block_idx += 1
             stages.append(nn.SequentialCell(blocks))
         self.stages = nn.SequentialCell(stages)
-        self.num_features = 2 * STAGE_CHANNELS[-1]
+        self.num_features = 2 * widths[-1]
         self.final_conv = ScaledStdConv2d(in_ch, self.num_features, 1)
         self.final_act = GammaGELU()
         self.head = ClassifierHead(
@@ -196,3 +198,10 @@ class NFNet(nn.Cell):
 def nfnet_f0(**kwargs) -> NFNet:
     """NFNet-F0 (DeepMind variant): depths 1-2-6-3, 71.5 M parameters, 192 px train / 256 px test."""
     return NFNet((1, 2, 6, 3), **kwargs)
+
+
+@register_model
+def nfnet_test(**kwargs) -> NFNet:
+    """Depths 1-2-1-1 at widths 32-96 with 8-channel groups (~0.1 M parameters): NFNet-F0's code path (projection
+    and identity shortcuts, skip gains, SE) at a fraction of its cost, for tests; not for accuracy."""
+    return NFNet((1, 2, 1, 1), group_size=8, stem_width=16, widths=(32, 48, 64, 96), **kwargs)

@@ -25,13 +25,18 @@ except those whose name contains ``gamma`` or ``beta``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal, get_args
 
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 
-OPTIMIZERS = ("sgd", "momentum", "adamw", "rmsprop_tf", "sgd_agc")
+from framework.schema import HalfOpenFraction, NonNegative, Positive, checked
+
+OptimizerName = Literal["sgd", "momentum", "adamw", "rmsprop_tf", "sgd_agc"]
+OPTIMIZERS = get_args(OptimizerName)
+Decay = Annotated[float, HalfOpenFraction]  # momentum, AdamW's betas, RMSProp's rho: [0, 1)
 
 # Last name component of parameters that are never decayed when filtering (besides every ndim <= 1 parameter).
 NO_DECAY_NAMES = ("bias", "gain", "skipinit_gain")
@@ -129,29 +134,31 @@ class AGCMomentum(nn.Momentum):
         return super().construct(gradients)
 
 
+@checked("optimizer")
 def create_optimizer(
     params: list[Parameter],
     learning_rate: Tensor | float,
-    name: str,
-    weight_decay: float = 0.0,
+    name: OptimizerName,
+    weight_decay: Annotated[float, NonNegative] = 0.0,
     filter_bias_and_norm: bool = True,
-    momentum: float = 0.9,
+    momentum: Decay = 0.9,
     nesterov: bool = False,
-    betas: Sequence[float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    rmsprop_decay: float = 0.9,
-    agc_clipping: float = 0.01,
-    agc_eps: float = 1e-3,
+    betas: tuple[Decay, Decay] = (0.9, 0.999),
+    eps: Annotated[float, Positive] = 1e-8,
+    rmsprop_decay: Decay = 0.9,
+    agc_clipping: Annotated[float, Positive] = 0.01,
+    agc_eps: Annotated[float, Positive] = 1e-3,
     agc_exclude: Sequence[str] = ("head.fc",),
-    loss_scale: float = 1.0,
+    loss_scale: Annotated[float, Positive] = 1.0,
 ) -> nn.Optimizer:
     """Optimizer ``name`` over ``params``; ``learning_rate`` is a float or a per-step Tensor (indexed by global step).
 
     ``momentum`` is the SGD/Momentum/AGC momentum and RMSProp's momentum; ``betas`` and ``eps`` are AdamW's, ``eps``
     is also RMSProp's (added inside the square root), ``rmsprop_decay`` its mean-square decay (rho). ``agc_*`` only
     act for ``sgd_agc``. ``loss_scale`` is a static loss scale the optimizer divides the gradients by (not AdamW).
+    Choices and ranges are the annotations', checked for a config and (``checked``) for a Python call alike.
     """
-    _check_values(name, weight_decay, momentum, nesterov, betas, eps, rmsprop_decay, agc_clipping, agc_eps, loss_scale)
+    _check_combinations(name, momentum, nesterov, loss_scale)
     params = list(params)
     weight_decay, momentum, loss_scale = float(weight_decay), float(momentum), float(loss_scale)
     groups = _param_groups(params, weight_decay) if filter_bias_and_norm else params
@@ -201,38 +208,10 @@ def _check_agc_exclude(exclude: Sequence[str], params: list[Parameter]) -> None:
             )
 
 
-def _check_values(
-    name: str,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    betas: Sequence[float],
-    eps: float,
-    rmsprop_decay: float,
-    agc_clipping: float,
-    agc_eps: float,
-    loss_scale: float,
-) -> None:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{name}'")
-    if weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"optimizer.momentum must be in [0, 1), got {momentum}")
+def _check_combinations(name: str, momentum: float, nesterov: bool, loss_scale: float) -> None:
+    """What no single parameter's annotation can say: settings that do not go together."""
     if nesterov and momentum == 0 and name in ("sgd", "momentum", "sgd_agc"):
         raise ValueError("optimizer.nesterov needs optimizer.momentum > 0, got momentum 0")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(betas)}")
-    if eps <= 0:
-        raise ValueError(f"optimizer.eps must be > 0, got {eps}")
-    if not 0 <= rmsprop_decay < 1:
-        raise ValueError(f"optimizer.rmsprop_decay must be in [0, 1), got {rmsprop_decay}")
-    if agc_clipping <= 0:
-        raise ValueError(f"optimizer.agc_clipping must be > 0, got {agc_clipping}")
-    if agc_eps <= 0:
-        raise ValueError(f"optimizer.agc_eps must be > 0, got {agc_eps}")
-    if loss_scale <= 0:
-        raise ValueError(f"optimizer.loss_scale must be > 0, got {loss_scale}")
     if name == "adamw" and loss_scale != 1:
         raise ValueError(
             f"optimizer.loss_scale must be 1 for adamw (nn.AdamWeightDecay does not un-scale), got {loss_scale}"

@@ -11,7 +11,7 @@ each seed recipe.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import mindspore as ms
 import mindspore.ops as ops
@@ -19,10 +19,16 @@ import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 
+from framework.schema import NonNegative, Positive, Range, checked
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Formula = Callable[[np.ndarray], np.ndarray]  # float64 lrs of an int64 array of update indices
+# Ranges of the scheduler/ settings, for every schedule alike (checked by framework.config before any task runs).
+Lr = Annotated[float, Positive]  # a schedule's peak lr
+FloorLr = Annotated[float, NonNegative]  # where it starts (warmup) or ends
+Epochs = Annotated[float, NonNegative]  # warmup_epochs: 0 is none
 
 
 class Schedule:
@@ -69,7 +75,7 @@ class UpdateLr(LearningRateSchedule):
         super().__init__()
         self.value = Parameter(Tensor(value, ms.float32), name="current_lr", requires_grad=False)
 
-    def construct(self, global_step: Tensor) -> Tensor:
+    def construct(self, update: Tensor) -> Tensor:  # MindSpore passes the optimizer's update count
         return self.value
 
     def set(self, value: float) -> None:
@@ -92,25 +98,23 @@ def _require(ok: bool, key: str, rule: str, value: object) -> None:
         raise ValueError(f"scheduler.{key} must be {rule}, got {value}")
 
 
-def _check_run(epochs: int, steps_per_epoch: int, warmup_epochs: float, peak: str, **rates: float) -> None:
-    """Checks shared by the recipe schedules: positive run length and ``peak`` lr, non-negative warmup and rates."""
-    _require(rates[peak] > 0, peak, "> 0", rates[peak])
+def _check_run(epochs: int, steps_per_epoch: int) -> None:
+    """The run length, passed at run time (``engine.epochs``, the dataset's batches): both positive."""
     _require(epochs > 0, "epochs", "> 0", epochs)
     _require(steps_per_epoch > 0, "steps_per_epoch", "> 0", steps_per_epoch)
-    _require(warmup_epochs >= 0, "warmup_epochs", ">= 0", warmup_epochs)
-    for key, value in rates.items():
-        _require(value >= 0, key, ">= 0", value)
 
 
+@checked("scheduler")
 def cosine(
-    lr: float,
+    lr: Lr,
     epochs: int,
     steps_per_epoch: int,
-    min_lr: float = 0.0,
-    warmup_epochs: float = 0.0,
-    warmup_lr: float = 0.0,
+    min_lr: FloorLr = 0.0,
+    warmup_epochs: Epochs = 0.0,
+    warmup_lr: FloorLr = 0.0,
 ) -> Schedule:
     """Cosine decay from ``lr`` to ``min_lr`` over the steps after warmup (Loshchilov & Hutter 2017)."""
+    _check_run(epochs, steps_per_epoch)
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
 
@@ -122,16 +126,18 @@ def cosine(
     return Schedule(formula, total)
 
 
+@checked("scheduler")
 def multistep(
-    lr: float,
+    lr: Lr,
     epochs: int,
     steps_per_epoch: int,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-    warmup_epochs: float = 0.0,
-    warmup_lr: float = 0.0,
+    milestones: Sequence[Annotated[int, NonNegative]] = (),
+    gamma: Annotated[float, Positive] = 0.1,
+    warmup_epochs: Epochs = 0.0,
+    warmup_lr: FloorLr = 0.0,
 ) -> Schedule:
     """Multiply ``lr`` by ``gamma`` at each epoch in ``milestones`` (the ResNeXt recipe's ``lr_epochs``)."""
+    _check_run(epochs, steps_per_epoch)
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
     boundaries = np.asarray(sorted(milestones))
@@ -143,14 +149,15 @@ def multistep(
     return Schedule(formula, total)
 
 
+@checked("scheduler")
 def cosine_annealing(
-    lr: float,
+    lr: Lr,
     epochs: int,
     steps_per_epoch: int,
-    t_max: float,
-    eta_min: float = 0.0,
-    warmup_epochs: float = 0.0,
-    warmup_lr: float = 0.0,
+    t_max: Annotated[float, Positive],
+    eta_min: FloorLr = 0.0,
+    warmup_epochs: Epochs = 0.0,
+    warmup_lr: FloorLr = 0.0,
 ) -> Schedule:
     """ResNeXt50 recipe's ``lr_scheduler: cosine_annealing``.
 
@@ -161,8 +168,7 @@ def cosine_annealing(
     Warmup step ``i`` gets ``warmup_lr + (lr - warmup_lr) * (i + 1) / warmup_steps``, so it reaches
     ``lr`` on the last warmup step.
     """
-    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr", lr=lr, eta_min=eta_min, warmup_lr=warmup_lr)
-    _require(t_max > 0, "t_max", "> 0", t_max)
+    _check_run(epochs, steps_per_epoch)
     _require(eta_min <= lr, "eta_min", f"<= scheduler.lr ({lr})", eta_min)
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
@@ -176,13 +182,14 @@ def cosine_annealing(
     return Schedule(formula, total)
 
 
+@checked("scheduler")
 def linear(
-    lr_init: float,
-    lr_max: float,
-    lr_end: float,
+    lr_init: FloorLr,
+    lr_max: Lr,
+    lr_end: FloorLr,
     epochs: int,
     steps_per_epoch: int,
-    warmup_epochs: float = 0.0,
+    warmup_epochs: Epochs = 0.0,
 ) -> Schedule:
     """EfficientNet-B2 recipe's ``lr_decay_mode: liner``: linear warmup to ``lr_max``, then linear decay to ``lr_end``.
 
@@ -191,7 +198,7 @@ def linear(
     ``lr_max - (lr_max - lr_end) * (i - w) / (total - w)``: ``lr_max`` exactly at step ``w``, and the
     last step is one decrement above ``lr_end`` (the reference never reaches ``lr_end`` itself).
     """
-    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr_max", lr_init=lr_init, lr_max=lr_max, lr_end=lr_end)
+    _check_run(epochs, steps_per_epoch)
     _require(lr_init <= lr_max, "lr_init", f"<= scheduler.lr_max ({lr_max})", lr_init)
     _require(lr_end <= lr_max, "lr_end", f"<= scheduler.lr_max ({lr_max})", lr_end)
     total = epochs * steps_per_epoch
@@ -204,16 +211,17 @@ def linear(
     return Schedule(formula, total)
 
 
+@checked("scheduler")
 def exponential(
-    lr: float,
+    lr: Lr,
     epochs: int,
     steps_per_epoch: int,
-    decay_rate: float,
-    decay_epochs: float,
+    decay_rate: Annotated[float, Range(0, 1, low_inclusive=False)],
+    decay_epochs: Annotated[float, Positive],
     staircase: bool = True,
-    min_lr: float = 0.0,
-    warmup_epochs: float = 0.0,
-    warmup_lr: float = 0.0,
+    min_lr: FloorLr = 0.0,
+    warmup_epochs: Epochs = 0.0,
+    warmup_lr: FloorLr = 0.0,
 ) -> Schedule:
     """NASNet-A-Mobile recipe's decay (``lr_decay_rate``, ``num_epoch_per_decay``), TF's ``exponential_decay``.
 
@@ -222,9 +230,7 @@ def exponential(
     ``staircase`` (the recipe trains with ``is_stair=True``). The decay counts from step 0; warmup (absent
     from the recipe) replaces its first steps.
     """
-    _check_run(epochs, steps_per_epoch, warmup_epochs, "lr", lr=lr, min_lr=min_lr, warmup_lr=warmup_lr)
-    _require(0 < decay_rate <= 1, "decay_rate", "in (0, 1]", decay_rate)
-    _require(decay_epochs > 0, "decay_epochs", "> 0", decay_epochs)
+    _check_run(epochs, steps_per_epoch)
     _require(min_lr <= lr, "min_lr", f"<= scheduler.lr ({lr})", min_lr)
     total = epochs * steps_per_epoch
     warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total)
@@ -262,9 +268,6 @@ def plot_schedule(schedule: Schedule, steps_per_epoch: int, title: str, points: 
     return fig
 
 
-_LR_SCALING_RULES = ("none", "linear", "sqrt")
-
-
 class LrScaling:
     """``lr_scaling/`` configs: scale the whole lr schedule with the global batch size.
 
@@ -274,11 +277,10 @@ class LrScaling:
     accumulation steps, so a recipe's lr stated for ``reference_batch_size`` holds on any device count.
     """
 
-    def __init__(self, rule: str = "none", reference_batch_size: int = 256) -> None:
-        if rule not in _LR_SCALING_RULES:
-            raise ValueError(f"lr_scaling.rule must be one of {', '.join(_LR_SCALING_RULES)}, got '{rule}'")
-        if reference_batch_size <= 0:
-            raise ValueError(f"lr_scaling.reference_batch_size must be > 0, got {reference_batch_size}")
+    @checked("lr_scaling")
+    def __init__(
+        self, rule: Literal["none", "linear", "sqrt"] = "none", reference_batch_size: Annotated[int, Positive] = 256
+    ) -> None:
         self.rule, self.reference_batch_size = rule, reference_batch_size
 
     def factor(self, global_batch_size: int) -> float:

@@ -11,23 +11,33 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError, build, command_line_problem
-from framework.data.folder import bad_image_message
+from framework.config import build, check_config, command_line_problem
 from framework.engine import FitResult
-from framework.engine.trainer import TrainingDiverged
-from framework.launch.msrun import JobFailed
-from framework.launch.signals import exit_status
-from framework.paths import PROJECT_ROOT
-from framework.tasks.benchmark import BenchmarkFailed
+from framework.errors import user_error
+from framework.launch.slurm import slurm_gres, slurm_master_addr
+from framework.paths import PROJECT_ROOT, project_root, rank_dir_name
+from framework.runtime.signals import exit_status
 from framework.tasks.common import run_tags
-from framework.tasks.export import ExportMismatch, ExportUnsupported
-from framework.tasks.sync import TrackingUnreachable
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
 from framework.tracking.sweep import child_runs
 
 log = logging.getLogger(__name__)
+
+RESOLVERS = {
+    "project_root": project_root,  # conf/paths: outputs under the checkout, whatever the working directory
+    "rank_dir": rank_dir_name,  # a data-parallel process's own folder
+    "slurm_master_addr": slurm_master_addr,  # hardware/: a multi-node job's rendezvous host
+    "slurm_gres": slurm_gres,  # hydra/launcher/slurm: the devices a node asks for
+}
+
+
+def register_resolvers() -> None:
+    """Make the ``${name:}`` interpolations the configs use known to OmegaConf (before Hydra composes)."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def check_command_line(argv: list[str] | None = None) -> None:
@@ -50,32 +60,23 @@ def run(cfg: DictConfig) -> Any:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return run_trial(cfg)
     try:
-        return get_method(cfg.task._target_)(cfg)
-    except (ConfigError, RuntimeError) as err:
-        kind, message = error_message(err)
-        if message is None:
+        return execute(cfg)
+    except Exception as err:
+        known = user_error(err)
+        if known is None:
             raise
+        kind, message, status = known
         print(f"{kind}: {message}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
+        sys.exit(status)
     except KeyboardInterrupt as err:
         print(f"interrupted ({err or 'stopped by Ctrl-C (SIGINT)'}); the MLflow run is marked KILLED", file=sys.stderr)
         sys.exit(exit_status(err))
 
 
-def error_message(err: BaseException) -> tuple[str, str | None]:
-    """(kind, one-line message) for the errors a user can fix; message None for anything else."""
-    if isinstance(err, ConfigError):
-        return "config error", str(err)
-    if isinstance(err, (JobFailed, TrainingDiverged)):
-        return "training error", str(err)
-    if isinstance(err, (ExportMismatch, ExportUnsupported)):
-        return "export error", str(err)
-    if isinstance(err, BenchmarkFailed):
-        return "benchmark error", str(err)
-    if isinstance(err, TrackingUnreachable):
-        return "tracking error", str(err)
-    message = bad_image_message(err)
-    return "data error", message
+def execute(cfg: DictConfig) -> Any:
+    """Check the whole run spec (every key, type, choice and range), then run the task it names."""
+    check_config(cfg)
+    return get_method(cfg.task._target_)(cfg)
 
 
 def run_trial(cfg: DictConfig) -> Any:
@@ -85,12 +86,12 @@ def run_trial(cfg: DictConfig) -> Any:
     both the basic sweeper and Optuna (trial state FAIL) take without stopping the sweep. Ctrl-C stops it.
     """
     try:
-        result = get_method(cfg.task._target_)(cfg)
+        result = execute(cfg)
     except Exception as err:
-        kind, message = error_message(err)
-        if message is None:
+        known = user_error(err)
+        if known is None:
             log.exception("trial failed")
-            kind, message = "error", f"{type(err).__name__}: {err}"
+        kind, message, _ = known or ("error", f"{type(err).__name__}: {err}", 1)
         print(f"trial {os.environ.get(TRIAL_ENV, '?')} failed, the sweep goes on: {kind}: {message}", file=sys.stderr)
         record_failed_trial(cfg, f"{kind}: {message}")
         return math.nan

@@ -41,8 +41,9 @@ from rich.table import Table
 
 from framework.config import ConfigError, build
 from framework.engine.losses import HeadsLoss
-from framework.launch.signals import stop_signals_interrupt
+from framework.errors import UserError
 from framework.optim.schedules import UpdateLr
+from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks import benchmark_timm
 from framework.tasks.benchmark_timm import images_per_second, peak_rss_mb, seconds_since_process_start
 from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
@@ -216,8 +217,10 @@ def mindspore_worker_command() -> list[str]:
     return [sys.executable, "-c", "from framework.tasks.benchmark import mindspore_worker; mindspore_worker()"]
 
 
-class BenchmarkFailed(RuntimeError):
+class BenchmarkFailed(UserError, RuntimeError):
     """A measuring process died: its exit status or signal and its last error lines."""
+
+    kind = "benchmark error"
 
 
 def in_fresh_process(command: list[str], spec: dict[str, Any], stem: Path) -> dict[str, Any]:

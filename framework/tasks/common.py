@@ -32,7 +32,7 @@ def prepare(cfg: DictConfig) -> Hardware:
 
     Everything that can be checked without running is checked here, before any MLflow run exists: the config,
     the device this MindSpore build can use, and a local MLflow store that can be written."""
-    check_config(cfg)
+    check_config(cfg)  # as framework.tasks.execute did: again for a task called directly (tests, notebooks)
     print_config(cfg)
     hardware = build(cfg, "hardware")
     hardware.check_available()
@@ -72,14 +72,20 @@ def checkpoint_meta(cfg: DictConfig, checkpoint: Path, key: str = "ckpt") -> dic
         _, meta = read_checkpoint(checkpoint, meta_only=True)
     except ValueError as err:
         raise ConfigError(f"{key}={cfg.get(key)}: {err}. Pass a .ckpt written by this project") from err
+    refuse_other_model(cfg, meta, f"{key}={cfg.get(key)}")
+    return meta
+
+
+def refuse_other_model(cfg: DictConfig, meta: dict[str, Any], given: str) -> None:
+    """A checkpoint written by another model than ``cfg.model`` (``given``: the argument that named it) gets one
+    ConfigError line naming both and the fix."""
     written_by = meta.get("model")
     if written_by and written_by != cfg.model.name:
-        classes = f", {meta['num_classes']} classes" if meta.get("num_classes") else ""
+        classes = f" ({meta['num_classes']} classes)" if meta.get("num_classes") else ""
         raise ConfigError(
-            f"{key}={cfg.get(key)} was written by model {written_by}{classes}; this command builds "
+            f"{given}: the checkpoint was written by model {written_by}{classes}; this command builds "
             f"{cfg.model.name}. Select its model (the model config whose model.name is {written_by})"
         )
-    return meta
 
 
 def load_weights(cfg: DictConfig, checkpoint: Path, network: Any, key: str = "ckpt") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from rich.measure import Measurement
 from rich.table import Table
 
-from framework.config import ConfigError, build, check_config
+from framework.config import ConfigError, build
 from framework.tasks.common import console, print_summary
 from framework.tracking import MlflowTracker
 from framework.tracking.sweep import child_runs
@@ -154,7 +154,6 @@ def plot_metric(rows: list[dict[str, Any]], histories: dict[str, list[Metric]], 
 
 def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     """Compare the runs ``cfg.compare`` selects; returns the table rows, best ``compare.metric`` first."""
-    check_config(cfg)
     opts = cfg.compare
     if opts.mode not in MODES:
         raise ConfigError(f"compare.mode={opts.mode}: must be one of {', '.join(MODES)} (is a higher metric better?)")

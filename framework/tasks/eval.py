@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from framework.config import build
 from framework.engine import evaluate
-from framework.launch.signals import stop_signals_interrupt
+from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks.common import (
     build_model,
     checkpoint_meta,

@@ -28,8 +28,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
-from framework.launch.signals import stop_signals_interrupt
+from framework.errors import UserError
 from framework.models.layers import StemMaxPool
+from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks.common import (
     load_trained_network,
     log_run_spec,
@@ -38,6 +39,7 @@ from framework.tasks.common import (
     resolve_checkpoint,
     run_tags,
 )
+from framework.tracking import MlflowRun
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
@@ -90,12 +92,16 @@ def exportable(network: nn.Cell, file_format: str) -> nn.Cell:
     return network
 
 
-class ExportMismatch(RuntimeError):
+class ExportMismatch(UserError, RuntimeError):
     """The exported model does not compute what the MindSpore network computes."""
 
+    kind = "export error"
 
-class ExportUnsupported(RuntimeError):
+
+class ExportUnsupported(UserError, RuntimeError):
     """MindSpore cannot write an operator of the model in the requested format."""
+
+    kind = "export error"
 
 
 def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_format: str) -> Path:
@@ -145,6 +151,22 @@ def load_exported(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     raise ValueError(f"cannot run {path}: only .mindir and .onnx files run here (AIR runs on Ascend)")
 
 
+@dataclass
+class Exported:
+    """An exported file and how it was checked: the example input, the network's logits on it, the largest
+    difference of the file's logits (None: not run here) and whether it runs on any batch size."""
+
+    path: Path
+    example: np.ndarray
+    reference: np.ndarray
+    max_abs_diff: float | None = None
+    any_batch: bool = False
+
+    @property
+    def logit_scale(self) -> float:
+        return max(1.0, float(np.abs(self.reference).max()))
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt`` as ``export.format``; returns the file, input shape, parity and MLflow run."""
     hardware = prepare(cfg)
@@ -163,71 +185,88 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     example = np.random.default_rng(cfg.seed).standard_normal((spec.batch_size, 3, size, size)).astype(np.float32)
     reference = network(ms.Tensor(example)).asnumpy()
     path = export_network(network, example, run_dir / "export" / str(cfg.model.name), spec.format)
-    max_abs_diff, logit_scale, any_batch = None, max(1.0, float(np.abs(reference).max())), False
-    if spec.format != "AIR":
-        if spec.format == "ONNX":  # as asked of the exporter; MindSpore declares the traced batch on outputs
-            _declare_batch(path, "batch")
-        run_exported = load_exported(path)
-        max_abs_diff = float(np.abs(run_exported(example) - reference).max())
-        any_batch = _accepts_any_batch(run_exported, example)
-        if not any_batch and spec.format == "ONNX":  # the model's reshapes fix the batch (Conformer): say so
-            _declare_batch(path, len(example))
-        if not max_abs_diff <= spec.tolerance * logit_scale:
-            raise ExportMismatch(
-                f"the exported {spec.format} model differs from the MindSpore network by {max_abs_diff:.3g} "
-                f"(max abs logit difference, largest |logit| {logit_scale:.3g}; export.tolerance={spec.tolerance:g}"
-                f" × max(1, largest |logit|)); the file {path} is not logged"
-            )
+    exported = _check_parity(Exported(path, example, reference), spec)
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
-    tags = {**run_tags(cfg, "export"), "export_format": spec.format, "export_any_batch": str(any_batch).lower()}
+    tags = {**run_tags(cfg, "export"), "export_format": spec.format}
+    tags["export_any_batch"] = str(exported.any_batch).lower()
     if source_run_id:
         tags["source_run_id"] = source_run_id
     with stop_signals_interrupt(), tracker.start_run(tags) as run:
-        log_run_spec(run, cfg)
-        run.log_params({"export.input_shape": list(example.shape), "export.checkpoint": str(cfg.ckpt)})
-        classes = meta.get("class_names") or [str(i) for i in range(reference.shape[1])]
-        class_map = json.dumps({"classes": classes}, indent=1)
-        (path.parent / "classes.json").write_text(class_map)  # beside the file, for task=predict
-        run.log_text(class_map, "data/classes.json")
-        inputs = json.dumps({"format": spec.format, "input_shape": list(example.shape), "any_batch": any_batch})
-        (path.parent / "export.json").write_text(inputs)  # what task=predict feeds it
-        run.log_text(inputs, "export/export.json")
-        if max_abs_diff is not None:
-            run.log_metrics({f"{spec.format.lower()}_max_abs_diff": max_abs_diff, "max_abs_logit": logit_scale}, step=0)
-        run.log_artifact(path, "export")
+        _log_export(cfg, run, exported, spec, meta.get("class_names"))
         if spec.format == "ONNX":
             providers = ["CUDAExecutionProvider"] if hardware.device_target == "GPU" else []
             providers.append("CPUExecutionProvider")
-            _log_onnx_model(tracker.uri, run.run_id, path, example, reference, any_batch, providers)
+            _log_onnx_model(tracker.uri, run.run_id, path, example, reference, exported.any_batch, providers)
         if source_run_id:
             tracker.client().set_tag(source_run_id, f"export.{spec.format.lower()}", run.run_id)
-    model_uri = f"runs:/{run.run_id}/model" if spec.format == "ONNX" else None
-    print_summary(
-        "export finished",
-        {
-            "file": str(path),
-            "input": f"float32 {['any' if any_batch else example.shape[0], *example.shape[1:]]} (NCHW, normalized "
-            "as the dataset's eval transform)",
-            "parity": "not checked (AIR runs on Ascend only)"
-            if max_abs_diff is None
-            else f"max abs logit difference {max_abs_diff:.2e} vs MindSpore (largest |logit| {logit_scale:.3g}, "
-            f"tolerance {spec.tolerance:g} × max(1, largest |logit|))",
-            "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
-            "artifact": f"runs:/{run.run_id}/export/{path.name}",
-            **(
-                {"mlflow model": f"{model_uri}  (serve: mlflow models serve -m {model_uri} --env-manager local)"}
-                if model_uri
-                else {}
-            ),  # fmt: skip
-        },
-    )
+    _print_export_summary(exported, spec, run, source_run_id)
     return {
         "path": path,
         "input_shape": example.shape,
-        "max_abs_diff": max_abs_diff,
-        "max_abs_logit": logit_scale,
+        "max_abs_diff": exported.max_abs_diff,
+        "max_abs_logit": exported.logit_scale,
         "run_id": run.run_id,
     }
+
+
+def _check_parity(exported: Exported, spec: Export) -> Exported:
+    """Run the file (MINDIR, ONNX) on the example: its logits must match the network's within
+    ``export.tolerance`` × max(1, largest |logit|), or ``ExportMismatch``; and try another batch size."""
+    if spec.format == "AIR":  # runs on Ascend only
+        return exported
+    path, example = exported.path, exported.example
+    if spec.format == "ONNX":  # as asked of the exporter; MindSpore declares the traced batch on outputs
+        _declare_batch(path, "batch")
+    run_exported = load_exported(path)
+    exported.max_abs_diff = float(np.abs(run_exported(example) - exported.reference).max())
+    exported.any_batch = _accepts_any_batch(run_exported, example)
+    if not exported.any_batch and spec.format == "ONNX":  # the model's reshapes fix the batch (Conformer): say so
+        _declare_batch(path, len(example))
+    if not exported.max_abs_diff <= spec.tolerance * exported.logit_scale:
+        raise ExportMismatch(
+            f"the exported {spec.format} model differs from the MindSpore network by {exported.max_abs_diff:.3g} "
+            f"(max abs logit difference, largest |logit| {exported.logit_scale:.3g}; export.tolerance="
+            f"{spec.tolerance:g} × max(1, largest |logit|)); the file {path} is not logged"
+        )
+    return exported
+
+
+def _log_export(cfg: DictConfig, run: MlflowRun, exported: Exported, spec: Export, class_names: list | None) -> None:
+    """The run spec, the class map and input description (also beside the file, for task=predict), the parity
+    metrics and the file."""
+    path, shape = exported.path, list(exported.example.shape)
+    log_run_spec(run, cfg)
+    run.log_params({"export.input_shape": shape, "export.checkpoint": str(cfg.ckpt)})
+    classes = class_names or [str(i) for i in range(exported.reference.shape[1])]
+    class_map = json.dumps({"classes": classes}, indent=1)
+    (path.parent / "classes.json").write_text(class_map)
+    run.log_text(class_map, "data/classes.json")
+    inputs = json.dumps({"format": spec.format, "input_shape": shape, "any_batch": exported.any_batch})
+    (path.parent / "export.json").write_text(inputs)  # what task=predict feeds it
+    run.log_text(inputs, "export/export.json")
+    if exported.max_abs_diff is not None:
+        metrics = {f"{spec.format.lower()}_max_abs_diff": exported.max_abs_diff, "max_abs_logit": exported.logit_scale}
+        run.log_metrics(metrics, step=0)
+    run.log_artifact(path, "export")
+
+
+def _print_export_summary(exported: Exported, spec: Export, run: MlflowRun, source_run_id: str | None) -> None:
+    example, diff = exported.example, exported.max_abs_diff
+    rows = {
+        "file": str(exported.path),
+        "input": f"float32 {['any' if exported.any_batch else example.shape[0], *example.shape[1:]]} (NCHW, "
+        "normalized as the dataset's eval transform)",
+        "parity": "not checked (AIR runs on Ascend only)"
+        if diff is None
+        else f"max abs logit difference {diff:.2e} vs MindSpore (largest |logit| {exported.logit_scale:.3g}, "
+        f"tolerance {spec.tolerance:g} × max(1, largest |logit|))",
+        "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
+        "artifact": f"runs:/{run.run_id}/export/{exported.path.name}",
+    }
+    if spec.format == "ONNX":
+        model_uri = f"runs:/{run.run_id}/model"
+        rows["mlflow model"] = f"{model_uri}  (serve: mlflow models serve -m {model_uri} --env-manager local)"
+    print_summary("export finished", rows)
 
 
 def _accepts_any_batch(run_exported: Callable[[np.ndarray], np.ndarray], example: np.ndarray) -> bool:

@@ -12,13 +12,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
+from framework.errors import UserError
 from framework.tasks.common import print_summary
 from framework.tracking import MlflowRun
 from framework.tracking.spool import STATE_FILE, Spool
 
 
-class TrackingUnreachable(RuntimeError):
+class TrackingUnreachable(UserError, RuntimeError):
     """The MLflow server still does not answer; the records stay where they were."""
+
+    kind = "tracking error"
 
 
 def sync(cfg: DictConfig) -> int:

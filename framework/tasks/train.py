@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, build, overrides
 from framework.data.pipeline import ImageData
-from framework.engine import FitResult, Observer, Stop
-from framework.engine.checkpoint import read_checkpoint, weights_sha256
+from framework.engine import FitResult, Observer
+from framework.engine.checkpoint import checkpoint_micro_step, read_checkpoint, weights_sha256
+from framework.engine.progress import ProgressDisplay
 from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
-from framework.launch.distributed import World, is_msrun_process
-from framework.launch.msrun import RESULT_FILE, JobFailed, relaunch
-from framework.launch.signals import stop_signals_interrupt
+from framework.launch.msrun import RESULT_FILE, JobFailed
 from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
+from framework.runtime.signals import deferred_stop, stop_signals_interrupt
+from framework.runtime.world import World, is_msrun_process
 from framework.tasks.common import (
     Resume,
     build_model,
@@ -34,9 +35,12 @@ from framework.tasks.common import (
     log_run_spec,
     prepare,
     print_summary,
+    refuse_other_model,
     resolve_resume,
     run_tags,
 )
+from framework.tasks.data_parallel import launch_data_parallel
+from framework.tasks.observers import PruneTrial, TrackRun, stop_tags
 from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.study import StudyTrial
 
@@ -83,7 +87,7 @@ class Job:
 
 def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     if hardware.distributed and not is_msrun_process():
-        return _launch_data_parallel(cfg, hardware, run_dir)
+        return launch_data_parallel(cfg, hardware, run_dir)
     world = hardware.setup(cfg.seed)
     job = _build_job(cfg, world)
     tracker = build(cfg, "tracking")
@@ -105,18 +109,6 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     _write_result(run_dir, {"mlflow_run_id": run.run_id, **_result_record(result)})
     _print_summary(result, run, tracker, checksum)
     return result
-
-
-def _launch_data_parallel(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
-    """Relaunch the job through msrun; rank 0's result (on node 0)."""
-    tracker = build(cfg, "tracking")
-    try:
-        record = relaunch(hardware, overrides(), run_dir, tracker)
-    finally:  # rank 0 may have been stopped between a checkpoint and sending the metrics it covers
-        last = run_dir / "checkpoints" / "last.ckpt"
-        tracker.deliver_kept(run_dir / "tracking", resume_step(last) if last.is_file() else 0)
-    checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}
-    return FitResult(record.get("history", []), record.get("best"), checkpoints, record.get("stopped"))
 
 
 def _build_job(cfg: DictConfig, world: World) -> Job:
@@ -154,12 +146,8 @@ def _check_resume(cfg: DictConfig, job: Job, resume: Resume) -> str | None:
     """Refuse a checkpoint this job cannot continue (another model, class count or training state), before any
     MLflow run is touched; returns why there is nothing left to train, if so."""
     meta, given = resume.state.meta, f"resume={cfg.resume}"
-    written_by, classes = meta.get("model"), meta.get("num_classes")
-    if written_by and written_by != cfg.model.name:
-        raise ConfigError(
-            f"{given}: the checkpoint was written by model {written_by} ({classes} classes); this command builds "
-            f"{cfg.model.name}. Resume with its model (the model config whose model.name is {written_by})"
-        )
+    refuse_other_model(cfg, meta, given)
+    classes = meta.get("num_classes")
     if classes is not None and classes != job.data.num_classes:
         raise ConfigError(
             f"{given}: the checkpoint has {classes} classes, the configured dataset {job.data.num_classes}. "
@@ -181,7 +169,7 @@ def _nothing_to_continue(cfg: DictConfig, resume: Resume, ended: str) -> FitResu
         "nothing to continue",
         {
             "run": f"MLflow run {resume.run_id or '-'}: {ended}; it is left as it is",
-            "checkpoint": f"{resume.path} (step {resume.state.micro_steps})",
+            "checkpoint": f"{resume.path} (step {resume.state.micro_step})",
             "train longer": "raise engine.epochs (the lr schedule then follows the longer run) and resume again",
             "best": format_metrics(meta.get("best")),
         },
@@ -197,12 +185,12 @@ def _tracking(
     if not world.is_main:
         return nullcontext()
     tags, spool_dir = {**run_tags(cfg, "train"), "run_dir": str(run_dir)}, run_dir / "tracking"
-    position = resume.state.micro_steps if resume is not None else 0 if cfg.get("resume") else None
+    micro_step = resume.state.micro_step if resume is not None else 0 if cfg.get("resume") else None
     earlier_spool = resume.path.parent.parent / "tracking" if resume is not None else spool_dir
     if earlier_spool.resolve() != spool_dir.resolve():  # resumed from another job's folder
-        tracker.deliver_kept(earlier_spool, position, drop_later=True)
+        tracker.deliver_kept(earlier_spool, micro_step, drop_later=True)
     run_id = resume.run_id if resume is not None else None
-    return tracker.start_run(tags, run_id, spool_dir=spool_dir, resume_position=position)
+    return tracker.start_run(tags, run_id, spool_dir=spool_dir, resume_micro_step=micro_step)
 
 
 def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: Resume | None, run_dir: Path) -> None:
@@ -240,25 +228,46 @@ def _fit(
         "class_names": job.data.class_names,
         "mlflow_run_id": run.run_id if run is not None else None,
     }
-    study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
-    observers = (PruneTrial(study_trial, job.trainer.monitor),) if study_trial is not None else ()
     state = resume.state if resume is not None else None
     if resume is not None:
-        done = resume.state.micro_steps
-        print(f"resumed from {resume.path} at step {done} (epoch {done // job.steps_per_epoch + 1})")
-    try:
-        return job.trainer.fit(job.prepared, job.schedule, job.data, run, checkpoint_dir, meta, state, world, observers)
-    finally:
-        if run is not None:
-            for name in ("best", "last"):
-                path = checkpoint_dir / f"{name}.ckpt"
-                if path.is_file():
-                    run.log_artifact(path, "checkpoints")
-            if (checkpoint_dir / "last.ckpt").is_file():  # stopped anywhere: what its newest state covers may go
-                run.checkpointed = resume_step(checkpoint_dir / "last.ckpt")
-            bad_images = job.data.bad_images()
-            if bad_images:
-                run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
+        micro_step = resume.state.micro_step
+        print(f"resumed from {resume.path} at step {micro_step} (epoch {micro_step // job.steps_per_epoch + 1})")
+    with ExitStack() as stack:
+        if world.size == 1:  # ranks must stop at the same step, which a signal to each cannot promise
+            stack.enter_context(deferred_stop())  # a first stop signal ends training after its step, saved
+        try:
+            return job.trainer.fit(
+                job.prepared, job.schedule, job.data, checkpoint_dir, meta, state, world, _observers(job, run, world)
+            )
+        finally:
+            if run is not None:
+                _log_checkpoints(run, checkpoint_dir, job.data.bad_images())
+
+
+def _observers(job: Job, run: MlflowRun | None, world: World) -> list[Observer]:
+    """What hears the trainer: the display, MLflow (rank 0), early stopping, and a sweep trial's pruning."""
+    observers: list[Observer] = [ProgressDisplay(console)]
+    if run is not None:
+        observers.append(TrackRun(run))
+    if job.trainer.early_stopping is not None:
+        observers.append(job.trainer.early_stopping)
+    study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
+    if study_trial is not None:
+        observers.append(PruneTrial(study_trial, job.trainer.monitor))
+    return observers
+
+
+def _log_checkpoints(run: MlflowRun, checkpoint_dir: Path, bad_images: list[str]) -> None:
+    """The checkpoints and the list of unreadable images a stopped or finished fit leaves, into the run."""
+    for name in ("best", "last"):
+        path = checkpoint_dir / f"{name}.ckpt"
+        if path.is_file():
+            run.log_artifact(path, "checkpoints")
+    last = checkpoint_dir / "last.ckpt"
+    if last.is_file():  # stopped anywhere: what its newest state covers may go
+        run.checkpointed(checkpoint_micro_step(read_checkpoint(last, meta_only=True)[1]))
+    if bad_images:
+        run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
 
 
 def _log_end(run: MlflowRun, job: Job, result: FitResult, checksum: str) -> None:
@@ -299,34 +308,6 @@ def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, ch
         }
     )
     print_summary("training finished", rows)
-
-
-class PruneTrial(Observer):
-    """Reports ``engine.monitor`` after each evaluation to the Optuna trial this job runs for, and ends
-    training when the trial's pruner prunes it (the sweeper then records the trial as PRUNED)."""
-
-    def __init__(self, trial: StudyTrial, monitor: str) -> None:
-        self.trial, self.monitor = trial, monitor
-
-    def on_evaluation(self, epoch: int, step: int, metrics: dict, history: list) -> Stop | None:
-        value = metrics.get(self.monitor)
-        if value is None or not self.trial.pruned(value, epoch):
-            return None
-        pruner = type(self.trial.pruner).__name__
-        return Stop("pruned", f"pruned by {pruner} (Optuna trial {self.trial.number}): {self.monitor} {value:.4f}")
-
-
-def stop_tags(stopped: dict) -> dict[str, str]:
-    """MLflow tags of a run that ended early: at which epoch, why, and ``pruned=true`` for a pruned trial."""
-    tags = {"stopped_epoch": str(stopped["epoch"]), "stop_reason": str(stopped["reason"])}
-    if stopped["kind"] == "pruned":
-        tags["pruned"] = "true"
-    return tags
-
-
-def resume_step(checkpoint: Path) -> int:
-    """The optimizer micro-step a training-state checkpoint was written at."""
-    return int(read_checkpoint(checkpoint, meta_only=True)[1]["global_step"])
 
 
 def _record_weights(network: ms.nn.Cell, run_dir: Path, world: World) -> str:

@@ -28,7 +28,7 @@ from requests.exceptions import RequestException
 
 from framework.config import ConfigError
 from framework.paths import unwritable
-from framework.tracking.spool import Spool
+from framework.tracking.spool import Spool, record_micro_step
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _METRIC_BATCH = 1000  # and at most 1000 metrics
@@ -93,23 +93,23 @@ class MlflowTracker:
         run_id: str | None = None,
         run_name: str | None = None,
         spool_dir: Path | None = None,
-        resume_position: int | None = None,
+        resume_micro_step: int | None = None,
     ) -> MlflowRun:
         """Create a RUNNING run (or reopen ``run_id``). Inside a sweep (``PARENT_RUN_ENV`` set by
         ``framework.tracking.sweep``) a new run is the sweep parent's child and records its trial number.
 
         With ``spool_dir`` (training) the records wait there until the server takes them, and an unreachable
         server does not stop the job (the run is created when it answers). A job continued in the same folder
-        (``resume_position``: the training step it restarts from) continues the spool's run; metrics logged
+        (``resume_micro_step``: the training micro-step it restarts from) continues the spool's run; metrics logged
         after that step by the earlier process are dropped, as the job logs them again.
         """
         spool = Spool(spool_dir)
         if spool.exists:
             known = spool.state.get("run_id")
-            if resume_position is not None and run_id in (None, known):
-                spool.discard_metrics_after(resume_position)
+            if resume_micro_step is not None and run_id in (None, known):
+                spool.discard_metrics_after(resume_micro_step)
                 spool.append({"kind": "status", "status": RunStatus.to_string(RunStatus.RUNNING)})
-                run = MlflowRun(self, spool, checkpointed=resume_position, verify=True)
+                run = MlflowRun(self, spool, checkpoint_micro_step=resume_micro_step, verify=True)
                 run.flush()
                 return run
             if spool.pending():
@@ -132,19 +132,19 @@ class MlflowTracker:
         else:
             spool.set_state(run_id=run_id)
             spool.append({"kind": "status", "status": RunStatus.to_string(RunStatus.RUNNING)})
-        run = MlflowRun(self, spool, checkpointed=resume_position)
+        run = MlflowRun(self, spool, checkpoint_micro_step=resume_micro_step)
         run.flush()
         return run
 
-    def deliver_kept(self, spool_dir: Path, position: int, drop_later: bool = False) -> None:
-        """Send what a stopped job left in ``spool_dir`` up to training step ``position`` (its newest checkpoint);
-        ``drop_later`` drops its metrics after that step, which the job resumed now logs again."""
+    def deliver_kept(self, spool_dir: Path, micro_step: int, drop_later: bool = False) -> None:
+        """Send what a stopped job left in ``spool_dir`` up to training ``micro_step`` (its newest checkpoint);
+        ``drop_later`` drops its metrics after that micro-step, which the job resumed now logs again."""
         spool = Spool(spool_dir)
         if not (spool.exists and spool.pending()):
             return
         if drop_later:
-            spool.discard_metrics_after(position)
-        MlflowRun(self, spool, checkpointed=position, verify=True).flush()
+            spool.discard_metrics_after(micro_step)
+        MlflowRun(self, spool, checkpoint_micro_step=micro_step, verify=True).flush()
 
     @contextmanager
     def start_run(
@@ -153,10 +153,10 @@ class MlflowTracker:
         run_id: str | None = None,
         run_name: str | None = None,
         spool_dir: Path | None = None,
-        resume_position: int | None = None,
+        resume_micro_step: int | None = None,
     ) -> Iterator[MlflowRun]:
         """``open_run`` for the block; the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
-        run = self.open_run(tags, run_id, run_name, spool_dir, resume_position)
+        run = self.open_run(tags, run_id, run_name, spool_dir, resume_micro_step)
         status = RunStatus.FINISHED
         try:
             yield run
@@ -173,12 +173,15 @@ class MlflowTracker:
 class MlflowRun:
     """Logging into one MLflow run through a ``Spool``: records are sent in order, in batches, by ``flush``.
 
-    ``checkpointed`` (set by the training loop) is the training step of the newest checkpoint: metrics logged
-    after it wait for the next one, so a job resumed from that checkpoint neither loses nor repeats a step.
+    ``checkpoint_micro_step`` (told by ``checkpointed``) is the training micro-step of the newest checkpoint:
+    metrics logged after it wait for the next one, so a job resumed from that checkpoint neither loses nor
+    repeats a step.
     """
 
-    def __init__(self, tracker: MlflowTracker, spool: Spool, checkpointed: int | None = None, verify: bool = False):
-        self.tracker, self.spool, self.checkpointed = tracker, spool, checkpointed
+    def __init__(
+        self, tracker: MlflowTracker, spool: Spool, checkpoint_micro_step: int | None = None, verify: bool = False
+    ):
+        self.tracker, self.spool, self.checkpoint_micro_step = tracker, spool, checkpoint_micro_step
         uri = spool.state.get("uri", tracker.uri)  # a kept spool names the server its run lives on
         self.client = tracker.client() if uri == tracker.uri else MlflowClient(uri)
         self._verify = verify  # an earlier attempt may have reached the server: check before re-sending
@@ -197,11 +200,18 @@ class MlflowRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.spool.append({"kind": "params", "items": {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, at: int | None = None) -> None:
-        """Metrics at MLflow ``step``; ``at`` is the training step that produced them (default ``step``)."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int, micro_step: int | None = None) -> None:
+        """Metrics at MLflow ``step``; ``micro_step`` is the training micro-step that produced them (default
+        ``step``: per-epoch metrics are plotted by epoch but belong to the epoch's last micro-step)."""
         timestamp = int(time.time() * 1000)
         items = [[k, float(v), timestamp, step] for k, v in metrics.items()]
-        self.spool.append({"kind": "metrics", "at": step if at is None else at, "items": items})
+        self.spool.append({"kind": "metrics", "micro_step": step if micro_step is None else micro_step, "items": items})
+
+    def checkpointed(self, micro_step: int) -> None:
+        """A checkpoint of ``micro_step`` is on disk: what was logged up to it is sent now (and later records
+        wait for the next one, so a job resumed from the newest checkpoint logs each step once)."""
+        self.checkpoint_micro_step = micro_step
+        self.flush()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.spool.append({"kind": "tags", "items": {k: str(v) for k, v in tags.items()}})
@@ -286,7 +296,8 @@ class MlflowRun:
             self._verify = False
 
     def _held(self, record: dict[str, Any]) -> bool:
-        return record["kind"] == "metrics" and self.checkpointed is not None and record["at"] > self.checkpointed
+        held_after = self.checkpoint_micro_step
+        return record["kind"] == "metrics" and held_after is not None and record_micro_step(record) > held_after
 
     def _send_metrics(self, records: list[dict[str, Any]]) -> int:
         """Send up to ``_METRIC_BATCH`` metrics from whole records; returns how many records went."""

@@ -73,10 +73,10 @@ class Spool:
                 (self.folder / RECORDS_FILE).write_text("")  # emptied first: a crash before the state re-sends nothing
         self._save_state()
 
-    def discard_metrics_after(self, position: int) -> int:
-        """Drop undelivered metrics logged after training ``position`` (they are about to be recomputed)."""
+    def discard_metrics_after(self, micro_step: int) -> int:
+        """Drop undelivered metrics logged after training ``micro_step`` (they are about to be recomputed)."""
         kept = self.records[: self.delivered] + [
-            r for r in self.pending() if not (r["kind"] == "metrics" and r["at"] > position)
+            r for r in self.pending() if not (r["kind"] == "metrics" and record_micro_step(r) > micro_step)
         ]
         dropped = len(self.records) - len(kept)
         if dropped:
@@ -101,3 +101,8 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def record_micro_step(record: dict[str, Any]) -> int:
+    """The training micro-step that produced a metrics record (spools written before this name say ``at``)."""
+    return int(record["micro_step"] if "micro_step" in record else record["at"])

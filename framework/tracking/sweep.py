@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError
-from framework.launch.signals import raise_interrupt
+from framework.runtime.signals import raise_interrupt
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV, MlflowTracker
 from framework.tracking.study import describe_storage, is_optuna_sweep, plan_study
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from framework.config import ConfigError
-from framework.launch.signals import held_signals
+from framework.runtime.signals import held_signals
 from framework.tracking.mlflow_run import TRIAL_ENV
 from framework.tracking.search_space import quote
 from framework.tracking.study import (
