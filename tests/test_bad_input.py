@@ -99,7 +99,7 @@ def test_a_command_line_that_composes_has_no_problem():
         ("model._target_=os.system", r"model._target_='os.system' is not allowed: only framework.\*, mindspore.\*"),
         ("dataset.mixup._target_=subprocess.run", r"dataset.mixup._target_='subprocess.run' is not allowed"),
         ("allowed_targets=os.system", r"allowed_targets must be a list of names"),
-        ("hardware.device_target=TPU", r"hardware.device_target must be one of \('CPU', 'GPU', 'Ascend'\)"),
+        ("hardware.device_target=TPU", r"hardware.device_target must be one of 'CPU', 'GPU', 'Ascend', got 'TPU'"),
         (
             "optimizer.name=adamm",
             r"^optimizer.name must be one of 'sgd', 'momentum', 'adamw', 'rmsprop_tf', 'sgd_agc', got 'adamm'. "

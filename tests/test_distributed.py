@@ -14,6 +14,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from framework.config import ConfigError, build, check_config
 from framework.engine.checkpoint import read_checkpoint, weights_sha256
 from framework.launch import Hardware
 from framework.launch.msrun import msrun_command
@@ -89,13 +90,15 @@ def test_single_device_configs_do_not_relaunch(make_config):
     [
         (["hardware.num_nodes=2"], "master_port is required with several nodes"),
         (["hardware.num_nodes=2", "hardware.master_port=8118", "hardware.node_rank=2"], "node_rank=2 must be in"),
-        (["hardware.master_port=80"], "master_port=80 must be in 1024..65535"),
-        (["hardware.device_num=0"], "hardware.device_num must be >= 1, got 0"),
+        (["hardware.master_port=80"], r"hardware.master_port must be in \[1024, 65535\], got 80"),
+        (["hardware.device_num=0"], "hardware.device_num must be > 0, got 0"),
     ],
 )
 def test_bad_node_settings_are_refused(make_config, overrides, message):
-    with pytest.raises(Exception, match=message):
-        instantiate(make_config("hardware=gpu8", *overrides).hardware)
+    cfg = make_config("hardware=gpu8", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)  # the schema (types, ranges) and then the settings that must agree
+        build(cfg, "hardware")
 
 
 def test_slurm_job_sets_node_rank_and_master(make_config, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import mindspore as ms
 import mindspore.dataset as ds
@@ -13,9 +14,9 @@ import numpy as np
 from framework.config import ConfigError
 from framework.launch.distributed import init_world
 from framework.runtime.world import World, is_msrun_process
+from framework.schema import NonNegative, Positive, Range
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-_TARGETS = ("CPU", "GPU", "Ascend")
 
 
 @dataclass
@@ -28,24 +29,18 @@ class Hardware:
     ``master_port: null`` picks a free port on a single node).
     """
 
-    device_target: str = "CPU"
-    mode: str = "graph"
-    device_id: int = 0
-    device_num: int = 1
-    num_nodes: int = 1
-    node_rank: int = 0
+    device_target: Literal["CPU", "GPU", "Ascend"] = "CPU"
+    mode: Literal["graph", "pynative"] = "graph"
+    device_id: Annotated[int, NonNegative] = 0
+    device_num: Annotated[int, Positive] = 1
+    num_nodes: Annotated[int, Positive] = 1
+    node_rank: Annotated[int, NonNegative] = 0
     master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    cluster_timeout: int = 600
+    master_port: Annotated[int, Range(1024, 65535)] | None = None
+    cluster_timeout: Annotated[int, Positive] = 600
 
     def __post_init__(self) -> None:
-        if self.device_target not in _TARGETS:
-            raise ValueError(f"hardware.device_target must be one of {_TARGETS}, got '{self.device_target}'")
-        if self.mode not in _MODES:
-            raise ValueError(f"hardware.mode must be one of {sorted(_MODES)}, got '{self.mode}'")
-        for key in ("device_num", "num_nodes", "cluster_timeout"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"hardware.{key} must be >= 1, got {getattr(self, key)}")
+        """What the schema cannot say alone: settings that must agree with each other."""
         if not 0 <= self.node_rank < self.num_nodes:
             raise ValueError(f"hardware.node_rank={self.node_rank} must be in [0, num_nodes={self.num_nodes})")
         if self.num_nodes > 1 and self.master_port is None:
@@ -53,8 +48,6 @@ class Hardware:
                 "hardware.master_port is required with several nodes: every node must name the same port "
                 "(e.g. hardware.master_port=8118)"
             )
-        if self.master_port is not None and not 1024 <= self.master_port <= 65535:
-            raise ValueError(f"hardware.master_port={self.master_port} must be in 1024..65535")
 
     def check_available(self) -> None:
         """Refuse, before anything runs, a device target this MindSpore build cannot use (a GPU on a CPU build)."""

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import mindspore as ms
 import mindspore.dataset as ds
@@ -44,11 +44,13 @@ from framework.engine.losses import HeadsLoss
 from framework.errors import UserError
 from framework.optim.schedules import UpdateLr
 from framework.runtime.signals import stop_signals_interrupt
+from framework.schema import NonNegative, Positive
 from framework.tasks import benchmark_timm
 from framework.tasks.benchmark_timm import images_per_second, peak_rss_mb, seconds_since_process_start
 from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
 
-MEASUREMENTS = ("data", "train_step", "eval", "hand_loop", "timm")
+Measurement = Literal["data", "train_step", "eval", "hand_loop", "timm"]
+MEASUREMENTS = get_args(Measurement)
 # our model name → timm's name for the same architecture (NASNet-A-Mobile and Conformer-Ti have none in timm)
 TIMM_MODELS = {"resnext50_32x4d": "resnext50_32x4d", "efficientnet_b2": "efficientnet_b2", "nfnet_f0": "dm_nfnet_f0"}
 
@@ -57,29 +59,21 @@ TIMM_MODELS = {"resnext50_32x4d": "resnext50_32x4d", "efficientnet_b2": "efficie
 class Benchmark:
     """What to measure, on what input, for how long (``benchmark/`` configs)."""
 
-    measure: Sequence[str] = ("data", "train_step", "eval", "hand_loop")
-    image_size: int = 224
-    batch_size: int = 32
-    num_classes: int = 1000
-    threads: int | None = None  # CPU threads for MindSpore kernels and torch; null: MindSpore's default
-    warmup_steps: int = 2
-    steps: int = 5
-    rounds: int = 3
-    warmup_batches: int = 5
-    batches: int = 50
+    measure: Sequence[Measurement] = ("data", "train_step", "eval", "hand_loop")
+    image_size: Annotated[int, Positive] = 224
+    batch_size: Annotated[int, Positive] = 32
+    num_classes: Annotated[int, Positive] = 1000
+    threads: Annotated[int, Positive] | None = None  # CPU threads for MindSpore kernels and torch; null: default
+    warmup_steps: Annotated[int, NonNegative] = 2
+    steps: Annotated[int, Positive] = 5
+    rounds: Annotated[int, Positive] = 3
+    warmup_batches: Annotated[int, NonNegative] = 5
+    batches: Annotated[int, Positive] = 50
     timm_model: str | None = None  # null: TIMM_MODELS[model.name]
     profile: bool = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # choices and ranges: the schema's, checked before any task runs
         self.measure = [str(m) for m in self.measure]
-        unknown = sorted(set(self.measure) - set(MEASUREMENTS))
-        if unknown:
-            raise ValueError(f"benchmark.measure: unknown {unknown}; choose from {list(MEASUREMENTS)}")
-        for key in ("image_size", "batch_size", "num_classes", "steps", "rounds", "batches"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"benchmark.{key} must be >= 1, got {getattr(self, key)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"benchmark.threads must be >= 1 or null, got {self.threads}")
 
     @property
     def models(self) -> bool:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -31,6 +31,7 @@ from framework.config import ConfigError, build
 from framework.errors import UserError
 from framework.models.layers import StemMaxPool
 from framework.runtime.signals import stop_signals_interrupt
+from framework.schema import Positive
 from framework.tasks.common import (
     load_trained_network,
     log_run_spec,
@@ -48,19 +49,15 @@ FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 class Export:
     """What to export (``export`` node of ``task=export``): format, input batch and size, parity tolerance."""
 
-    format: str = "MINDIR"
-    batch_size: int = 1
-    image_size: int | None = None
-    tolerance: float = 1e-4
+    format: str = "MINDIR"  # any case: not a Literal, checked once made upper case
+    batch_size: Annotated[int, Positive] = 1
+    image_size: Annotated[int, Positive] | None = None
+    tolerance: Annotated[float, Positive] = 1e-4
 
     def __post_init__(self) -> None:
         self.format = str(self.format).upper()
         if self.format not in FORMATS:
             raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got '{self.format}'")
-        if self.batch_size < 1:
-            raise ValueError(f"export.batch_size must be >= 1, got {self.batch_size}")
-        if self.tolerance <= 0:
-            raise ValueError(f"export.tolerance must be > 0, got {self.tolerance}")
 
 
 class ErfGELU(nn.Cell):
