@@ -89,6 +89,11 @@ def checkpoint_micro_step(meta: dict[str, Any]) -> int:
     return int(meta[MICRO_STEP])
 
 
+def read_micro_step(path: Path) -> int:
+    """The micro-step of the training-state checkpoint at ``path``, from its metadata alone."""
+    return checkpoint_micro_step(read_checkpoint(path, meta_only=True)[1])
+
+
 def latest_training_state(
     directory: Path,
 ) -> tuple[Path | None, tuple[dict[str, Parameter], dict[str, Any]] | None, list[str]]:

@@ -216,8 +216,9 @@ class Trainer:
             if self.ended(resume, self.steps_per_epoch(data.steps_per_epoch(world.size))):
                 return result  # the train task says so before it opens the run
         prepared.step.micro_step = micro_step
-        fit = _Fit(self, prepared, schedule, data, world, tuple(observers), result, micro_step)
-        fit.checkpoint_dir, fit.checkpoint_meta = checkpoint_dir, checkpoint_meta
+        fit = _Fit(
+            self, prepared, schedule, data, world, tuple(observers), result, micro_step, checkpoint_dir, checkpoint_meta
+        )
         return fit.run()
 
     @staticmethod
@@ -234,9 +235,6 @@ class Trainer:
 class _Fit:
     """One call of ``Trainer.fit``: what it trains and the loop's running state (micro-step, streaks, speed)."""
 
-    checkpoint_dir: Path
-    checkpoint_meta: dict[str, Any]
-
     def __init__(
         self,
         trainer: Trainer,
@@ -247,8 +245,11 @@ class _Fit:
         observers: tuple[Observer, ...],
         result: FitResult,
         micro_step: int,
+        checkpoint_dir: Path,
+        checkpoint_meta: dict[str, Any],
     ) -> None:
         self.trainer, self.prepared, self.schedule, self.data, self.world = trainer, prepared, schedule, data, world
+        self.checkpoint_dir, self.checkpoint_meta = checkpoint_dir, checkpoint_meta
         self.observers, self.result, self.micro_step = observers, result, micro_step
         self.steps_per_epoch = trainer.steps_per_epoch(data.steps_per_epoch(world.size))
         self.running_statistics = _running_statistics(prepared.network, prepared.ema)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from framework.config import build, overrides
 from framework.engine import FitResult
-from framework.engine.checkpoint import checkpoint_micro_step, read_checkpoint
+from framework.engine.checkpoint import read_micro_step
 from framework.launch import Hardware
 from framework.launch.msrun import JobOutcome, job_logs, rank_checksums, relaunch
 from framework.tracking import MlflowTracker
@@ -27,7 +27,7 @@ def launch_data_parallel(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> 
         outcome.check(run_dir)
     finally:  # rank 0 may have been stopped between a checkpoint and sending the metrics it covers
         last = run_dir / "checkpoints" / "last.ckpt"
-        micro_step = checkpoint_micro_step(read_checkpoint(last, meta_only=True)[1]) if last.is_file() else 0
+        micro_step = read_micro_step(last) if last.is_file() else 0
         tracker.deliver_kept(run_dir / "tracking", micro_step)
     record = outcome.record
     checkpoints = {k: Path(v) for k, v in record.get("checkpoints", {}).items()}

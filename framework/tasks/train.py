@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.config import ConfigError, build, overrides
 from framework.data.pipeline import ImageData
 from framework.engine import FitResult, Observer
-from framework.engine.checkpoint import checkpoint_micro_step, read_checkpoint, weights_sha256
+from framework.engine.checkpoint import read_micro_step, weights_sha256
 from framework.engine.progress import ProgressDisplay
 from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
@@ -265,7 +265,7 @@ def _log_checkpoints(run: MlflowRun, checkpoint_dir: Path, bad_images: list[str]
             run.log_artifact(path, "checkpoints")
     last = checkpoint_dir / "last.ckpt"
     if last.is_file():  # stopped anywhere: what its newest state covers may go
-        run.checkpointed(checkpoint_micro_step(read_checkpoint(last, meta_only=True)[1]))
+        run.checkpointed(read_micro_step(last))
     if bad_images:
         run.log_text("\n".join(bad_images) + "\n", "data/bad_images.txt")
 
