@@ -114,6 +114,8 @@ def test_onnx_model_is_served_over_http(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    # the server execs `uvicorn` from PATH: put this environment's scripts first, as activating it would
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{result['run_id']}/model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
