@@ -63,6 +63,7 @@ def test_benchmark_measures_pipeline_step_eval_and_hand_loops(tmp_path):
     (run,) = all_runs(mlflow_client(tmp_path))
     assert run.data.metrics["train_step_img_per_s"] == pytest.approx(results["train_step_img_per_s"])
     assert run.data.tags["task"] == "benchmark" and run.data.params["benchmark.image_size"] == "16"
+    assert mlflow_client(tmp_path).get_experiment(run.info.experiment_id).name == "classification-benchmarks"
     logged = json.loads((tmp_path / "run" / "benchmark" / "mindspore.result.json").read_text())
     assert logged["peak_rss_mb"] == results["peak_rss_mb"]
 

@@ -169,6 +169,9 @@ def test_files_written_and_logged_to_a_compare_run(store, make_config, tmp_path,
 
     (run,) = compare_runs(tmp_path)
     assert run.data.tags["compared_runs"] == ",".join(row["run_id"][:8] for row in rows)
+    # out of the training experiment, whose charts would list it without the metrics they plot
+    assert mlflow_client(tmp_path).get_experiment(run.info.experiment_id).name == "classification-comparisons"
+    assert run.info.run_name == f"compare {len(rows)} runs by val_top1"
     artifacts = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "comparison")}
     assert artifacts == {"comparison/comparison.csv", "comparison/val_top1_per_epoch.png"}
     assert f"runs:/{run.info.run_id}/comparison/comparison.csv" in capsys.readouterr().out.replace("\n", "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -14,6 +16,7 @@ from framework.engine import load_checkpoint, save_checkpoint
 from framework.engine.checkpoint import MICRO_STEP, latest_training_state, read_checkpoint
 from framework.engine.losses import HeadsLoss
 from framework.optim.schedules import cosine, multistep
+from framework.runtime.signals import Interrupted, deferred_stop, exit_status, raise_unheeded_stop, stop_requested
 from framework.tracking import MlflowTracker
 from framework.tracking.spool import Spool
 from tests.conftest import all_runs, mlflow_client
@@ -118,3 +121,18 @@ def test_heads_loss_weights_each_head(mode):
     assert float(HeadsLoss(network, ce)(x, y).asnumpy()) == pytest.approx(expected, rel=1e-6)
     single = nn.Dense(4, 3)
     assert float(HeadsLoss(single, ce)(x, y).asnumpy()) == pytest.approx(float(ce(single(x), y).asnumpy()))
+
+
+def test_a_stop_signal_as_deferred_work_ends_still_stops_the_job():
+    """Ctrl-C during the last step of a sweep trial is not lost: the trial completes, then the job stops (the
+    sweep does not start its next trial), saying the work had finished."""
+    with deferred_stop():
+        os.kill(os.getpid(), signal.SIGINT)  # recorded, as the loop would stop after its step
+        assert stop_requested() == signal.SIGINT
+    with pytest.raises(Interrupted, match="came as training ended") as stopped:
+        raise_unheeded_stop()
+    assert stopped.value.finished and exit_status(stopped.value) == 130
+    raise_unheeded_stop()  # said once
+    with deferred_stop():
+        pass
+    raise_unheeded_stop()  # no signal, nothing to say

@@ -68,13 +68,16 @@ def test_onnx_export_is_an_mlflow_model_and_tags_its_source_run(tmp_path, monkey
     compose_config([], tmp_path)  # creates the isolated store's directory
     experiment = client.create_experiment("classification", artifact_location=(tmp_path / "artifacts").as_uri())
     source = client.create_run(experiment).info.run_id
+    source_tags = client.get_run(source).data.tags
     ckpt = checkpoint_for("resnext_test", tmp_path, source_run_id=source)
     cfg = compose_config(["task=export", "model=resnext_test", "dataset.image_size=32", "export.batch_size=2",
                           f"ckpt={ckpt}", "export.format=ONNX"], tmp_path)  # fmt: skip
     result = export(cfg)
     assert "MLFLOW_TRACKING_URI" not in os.environ, "logging the model must not redirect later runs"
-    assert client.get_run(source).data.tags["export.onnx"] == result["run_id"]
-    assert client.get_run(result["run_id"]).data.tags["source_run_id"] == source
+    tags = client.get_run(result["run_id"]).data.tags
+    assert tags["source_run_id"] == tags["mlflow.parentRunId"] == source  # listed under its training run
+    assert f"(#/experiments/{experiment}/runs/{source})" in tags["mlflow.note.content"]
+    assert client.get_run(source).data.tags == source_tags, "the training run is not changed"
     import mlflow.pyfunc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")

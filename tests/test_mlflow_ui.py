@@ -32,6 +32,9 @@ def test_printed_mlflow_ui_command_serves_the_local_store(tmp_path):
     assert printed, train.stdout[-2000:]
     command = printed.group(1)
     assert f"--backend-store-uri sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}" in command
+    run_page = r"^run page\s+http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/([0-9a-f]{32})$"
+    page = re.search(run_page, train.stdout, re.MULTILINE)
+    assert page, train.stdout[-2000:]
     port = free_port()
     # as typed in a shell where the project's environment is active (its bin/ first on PATH)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -60,6 +63,9 @@ def test_printed_mlflow_ui_command_serves_the_local_store(tmp_path):
         with urllib.request.urlopen(request, timeout=30) as answer:
             names = {e["name"] for e in json.load(answer)["experiments"]}
         assert "debug" not in names and "classification" in names
+        experiment_id, run_id = page.groups()  # the printed run page names the run and its experiment
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as answer:
+            assert json.load(answer)["run"]["info"]["experiment_id"] == experiment_id
         with urllib.request.urlopen(f"{base}/", timeout=30) as answer:
             assert b"<html" in answer.read().lower()  # the UI's page itself
     finally:

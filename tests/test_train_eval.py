@@ -44,11 +44,20 @@ def test_run_logs_params_tags_and_status(trained):
     assert params["model.name"] == "resnext_test"
     assert params["dataset.image_size"] == "16"
     assert params["engine.epochs"] == "2"
-    assert params["optimizer._target_"] == "framework.optim.optimizers.create_optimizer"
     assert params["optimizer.name"] == "momentum"
+    # hyper-parameters only: group choices instead of class paths, no unset values, nothing run-dependent
+    assert params["choice.optimizer"] == "momentum" and params["choice.model"] == "resnext_test"
+    assert not [k for k, v in params.items() if k.endswith("_target_") or v == "None" or "/" in v], params
+    assert not [k for k in params if k.startswith(("paths.", "tracking.", "task."))], params
+    assert params["dataset.num_classes"] == params["model.num_classes"] == "10"
     tags = run.data.tags
     assert tags["model"] == "resnext_test" and tags["dataset"] == "digits" and tags["hardware"] == "cpu"
     assert tags["mindspore_version"].startswith("2.")
+    # named by what was set, described by its command and result; creation bookkeeping gone
+    assert run.info.run_name == "resnext_test image_size=16 epochs=2 checkpoint_every_n_epochs=1 keep_checkpoint_max=1"
+    description = tags["mlflow.note.content"]
+    assert description.startswith("`python run.py ") and "spool_id" not in tags
+    assert re.search(r"\*\*best\*\* val_top1 0\.\d{4} \(epoch \d\) · \*\*last\*\* val_top1", description)
 
 
 def test_run_logs_step_and_epoch_metrics(trained):
@@ -59,7 +68,10 @@ def test_run_logs_step_and_epoch_metrics(trained):
     assert [m.step for m in loss] == list(range(1, 2 * steps_per_epoch + 1))
     assert len(lr) == len(loss) and lr[0].value < lr[steps_per_epoch].value  # warmup over the first epoch
     top1 = client.get_metric_history(run.info.run_id, "val_top1")
-    assert [m.step for m in top1] == [1, 2]
+    assert [m.step for m in top1] == [steps_per_epoch, 2 * steps_per_epoch]  # the update that ended each epoch
+    epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
+    assert epoch[1] == pytest.approx(1 / steps_per_epoch) and [epoch[m.step] for m in top1] == [1.0, 2.0]
+    assert sorted(epoch) == [m.step for m in loss]  # every point has its epoch, so train and val overlay
     assert [m.value for m in top1] == pytest.approx([h["val_top1"] for h in result.history])
     for key in ("val_loss", "val_top5"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2

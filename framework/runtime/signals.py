@@ -29,11 +29,12 @@ _NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
 
 class Interrupted(KeyboardInterrupt):
-    """The job was stopped by a signal; ``exit_status`` is the shell's convention (128 + signal number)."""
+    """The job was stopped by a signal; ``exit_status`` is the shell's convention (128 + signal number).
+    ``finished``: the signal came as the work ended, which was done (its MLflow run FINISHED)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+    def __init__(self, message: str, signum: int = signal.SIGINT, finished: bool = False) -> None:
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.finished = signum, finished
 
 
 def exit_status(err: KeyboardInterrupt) -> int:
@@ -44,6 +45,7 @@ def exit_status(err: KeyboardInterrupt) -> int:
 class _StopState:
     deferring = False
     requested: int | None = None  # the signal that asked to stop
+    unheeded: int | None = None  # a signal that came as the deferring block ended: no step was left to stop after
     sentinel: subprocess.Popen | None = None
 
 
@@ -104,13 +106,22 @@ def stop_signals_interrupt() -> Iterator[None]:
 def deferred_stop() -> Iterator[None]:
     """Within the block a first SIGTERM/SIGINT sets ``stop_requested()`` instead of interrupting."""
     previous = signal.signal(signal.SIGTERM, raise_interrupt), signal.signal(signal.SIGINT, raise_interrupt)
-    _state.deferring, _state.requested = True, None
+    _state.deferring, _state.requested, _state.unheeded = True, None, None
     try:
         yield
+        _state.unheeded = _state.requested
     finally:
         _state.deferring, _state.requested = False, None
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def raise_unheeded_stop() -> None:
+    """After a ``deferred_stop`` block that ended its work: a stop signal it received on the way still stops the
+    job (a sweep must not start its next trial after a Ctrl-C), as ``Interrupted`` with ``finished``."""
+    signum, _state.unheeded = _state.unheeded, None
+    if signum is not None:
+        raise Interrupted(f"{signal_name(signum)} came as training ended, which it did", signum, finished=True)
 
 
 def stop_requested() -> int | None:

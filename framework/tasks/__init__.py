@@ -19,7 +19,7 @@ from framework.errors import user_error
 from framework.launch.slurm import slurm_gres, slurm_master_addr
 from framework.paths import PROJECT_ROOT, project_root, rank_dir_name
 from framework.runtime.signals import exit_status
-from framework.tasks.common import run_tags
+from framework.tasks.common import run_name, run_tags
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
 from framework.tracking.sweep import child_runs
 
@@ -69,7 +69,8 @@ def run(cfg: DictConfig) -> Any:
         print(f"{kind}: {message}", file=sys.stderr)
         sys.exit(status)
     except KeyboardInterrupt as err:
-        print(f"interrupted ({err or 'stopped by Ctrl-C (SIGINT)'}); the MLflow run is marked KILLED", file=sys.stderr)
+        run = "had finished" if getattr(err, "finished", False) else "is marked KILLED"
+        print(f"interrupted ({err or 'stopped by Ctrl-C (SIGINT)'}); the MLflow run {run}", file=sys.stderr)
         sys.exit(exit_status(err))
 
 
@@ -118,5 +119,6 @@ def record_failed_trial(cfg: DictConfig, message: str) -> None:
     if found:
         client.set_tag(found[0].info.run_id, "error", message[:5000])
         return
-    run = tracker.open_run({**run_tags(cfg, str(cfg.task._target_).rsplit(".", 1)[-1]), "error": message[:5000]})
+    tags = {**run_tags(cfg, str(cfg.task._target_).rsplit(".", 1)[-1]), "error": message[:5000]}
+    run = tracker.open_run(tags, run_name=run_name(cfg))
     client.set_terminated(run.run_id, "FAILED")

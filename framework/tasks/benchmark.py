@@ -47,7 +47,7 @@ from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import NonNegative, Positive
 from framework.tasks import benchmark_timm
 from framework.tasks.benchmark_timm import images_per_second, peak_rss_mb, seconds_since_process_start
-from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
+from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_name, run_tags
 
 Measurement = Literal["data", "train_step", "eval", "hand_loop", "timm"]
 MEASUREMENTS = get_args(Measurement)
@@ -131,7 +131,9 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
     if "data_img_per_s" in results and "train_step_img_per_s" in results:
         results["data_over_train_step"] = results["data_img_per_s"] / results["train_step_img_per_s"]
     tracker = build(cfg, "tracking")
-    with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "benchmark")) as run:
+    tracker.experiment_name += "-benchmarks"  # measurements, kept out of the training runs' charts
+    tags, name = run_tags(cfg, "benchmark"), run_name(cfg, "benchmark")
+    with stop_signals_interrupt(), tracker.start_run(tags, run_name=name) as run:
         log_run_spec(run, cfg)
         run.set_tags({**({"timm_model": timm_model} if timm_model else {}), **versions})
         run.log_metrics(results, step=0)

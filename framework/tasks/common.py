@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import shlex
 import subprocess
 from dataclasses import dataclass
 from importlib.metadata import distributions
@@ -129,7 +131,9 @@ def git_commit() -> str | None:
 
 
 def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
-    """MLflow tags: task, model, dataset, hardware, command-line overrides, MindSpore version and git commit."""
+    """MLflow tags: task, model, dataset, hardware, command-line overrides and MindSpore version; MLflow's own
+    tags for what the run page shows: the entry point, the user, the git commit, and the command line as the
+    run's description."""
     choices = group_choices()
     tags = {
         "task": task,
@@ -137,6 +141,10 @@ def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
         "dataset": choices.get("dataset", str(cfg.dataset._target_)),
         "hardware": choices.get("hardware", str(cfg.hardware.device_target)),
         "mindspore_version": ms.__version__,
+        "mlflow.source.name": "run.py",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
+        "mlflow.note.content": f"`{command_line()}`",
     }
     swept = [o for o in overrides() if not o.startswith(("hydra.", "paths.", "tracking.local_store"))]
     if swept:
@@ -147,9 +155,86 @@ def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
     return tags
 
 
-def log_run_spec(run: MlflowRun, cfg: DictConfig) -> None:
-    """Log the flattened config as params, the composed config and overrides, and the installed packages."""
-    run.log_params(flatten(cfg))
+def derived_run_tags(tracker: MlflowTracker, tags: dict[str, str], source_run_id: str | None) -> dict[str, str]:
+    """``tags`` of a run made from a training run's checkpoint (eval, export), filed under that run: its nested
+    child in its experiment (the training run lists it; the experiment's charts keep to training runs), with
+    the source's id and a link to it in the description. A source this store does not hold is only named."""
+    if not source_run_id:
+        return tags
+    tags = {**tags, "source_run_id": source_run_id}
+    client = tracker.client()
+    try:
+        source = client.get_run(source_run_id).info
+    except MlflowException:
+        return tags
+    tracker.experiment_name = client.get_experiment(source.experiment_id).name
+    link = f"[{source.run_name}](#/experiments/{source.experiment_id}/runs/{source_run_id})"
+    description = f"{tags['mlflow.note.content']}\n\nfrom the checkpoint of training run {link}"
+    return {**tags, "mlflow.parentRunId": source_run_id, "mlflow.note.content": description}
+
+
+def command_line() -> str:
+    """The command that runs this job again: ``python run.py`` and its overrides, quoted for a shell."""
+    return " ".join(["python run.py", *(shlex.quote(o) for o in overrides())])
+
+
+# overrides a run's name leaves out: what names files, records and inputs rather than what is trained
+_NOT_IN_NAMES = ("hydra.", "paths.", "tracking.", "task=", "model=", "experiment=", "resume=", "ckpt=", "input=")
+
+
+def run_name(cfg: DictConfig, *words: str) -> str:
+    """``tracking.run_name`` when set; else ``words`` (the task's), the model, and the command line's overrides
+    of its config and experiment, shortened (``resnext50_32x4d lr=0.02 batch=64``): what tells sibling runs
+    apart in MLflow's run list, which cuts long names."""
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    changed = [_short(o) for o in overrides() if not o.lstrip("+~").startswith(_NOT_IN_NAMES)]
+    return " ".join([*words, str(cfg.model.name), *changed])
+
+
+def _short(override: str) -> str:
+    """``scheduler.lr=0.0123456`` → ``lr=0.01235``: the key's last part, a number to 4 significant digits."""
+    key, _, value = override.lstrip("+~").partition("=")
+    key = {"batch_size": "batch"}.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1])
+    try:
+        number = float(value)
+    except ValueError:
+        return f"{key}={value}"
+    return f"{key}={value if value.lstrip('-').isdigit() else f'{number:.4g}'}"
+
+
+# Config keys that are no hyper-parameter: where a run's files and records go and what a task reads (the
+# composed config artifact and the run's tags keep them)
+_NOT_PARAMS = {"run_dir", "ckpt", "resume", "allowed_targets"}
+_NOT_PARAM_GROUPS = ("paths", "tracking", "task")
+
+
+def run_params(cfg: DictConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's hyper-parameters as MLflow params: the chosen option of each config group (``choice.model``)
+    and every set value a user could change, with ``resolved`` values in place of the config's (a folder
+    dataset's real class count). Left out, so that runs compare cleanly: class paths (``_target_``), unset
+    values, paths inside the run's folder, and where outputs and records go."""
+    run_dir = str(cfg.paths.run_dir)
+    params: dict[str, Any] = {
+        f"choice.{group}": choice for group, choice in group_choices().items() if group not in _NOT_PARAM_GROUPS
+    }
+    for key, value in {**flatten(cfg), **(resolved or {})}.items():
+        if (
+            value is None
+            or key in _NOT_PARAMS
+            or key.split(".")[0] in _NOT_PARAM_GROUPS
+            or key.endswith("._target_")
+            or str(value).startswith(run_dir)
+        ):
+            continue
+        params[key] = value
+    return params
+
+
+def log_run_spec(run: MlflowRun, cfg: DictConfig, resolved: dict[str, Any] | None = None) -> None:
+    """Log the hyper-parameters as params (``run_params``), the composed config and overrides, and the
+    installed packages."""
+    run.log_params(run_params(cfg, resolved))
     run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     run.log_text(OmegaConf.to_yaml(OmegaConf.create(overrides())), "config/overrides.yaml")
     packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})

@@ -3,13 +3,12 @@
 Selects runs (``compare.runs`` ids, else a sweep parent's children, else the experiment's train runs),
 prints a table of the params that differ and the final and best metrics, writes ``comparison.csv`` and
 ``<metric>_per_epoch.png`` into the run dir and logs both to a new MLflow run tagged ``task=compare``
-(in the compared runs' experiment).
+(in "<the compared runs' experiment>-comparisons", out of the training charts).
 """
 
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,12 +135,16 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_metric(rows: list[dict[str, Any]], histories: dict[str, list[Metric]], metric: str) -> Figure:
-    """``metric`` against its step (the epoch), one line per run in table order (no pyplot state, Agg)."""
+def plot_metric(
+    rows: list[dict[str, Any]], histories: dict[str, list[Metric]], epochs: dict[str, dict[int, float]], metric: str
+) -> Figure:
+    """``metric`` against the epoch (``epochs``: each run's ``epoch`` metric by step; runs logged before it had
+    their val metrics at the epoch as step), one line per run in table order (no pyplot state, Agg)."""
     fig = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for row in rows:
-        points = sorted((m.step, m.value) for m in histories[row["run_id"]])
+        epoch_at = epochs[row["run_id"]]
+        points = sorted((epoch_at.get(m.step, m.step), m.value) for m in histories[row["run_id"]])
         if points:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o", label=f"{row['run_name']} ({row['run_id'][:8]})")
@@ -162,6 +165,9 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     runs, what = select_runs(client, tracker, opts)
     metric = str(opts.metric)
     histories = {run.info.run_id: client.get_metric_history(run.info.run_id, metric) for run in runs}
+    epochs = {
+        run.info.run_id: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")} for run in runs
+    }
     rows = comparison_rows(runs, histories, metric, opts.mode)
     print_table(rows, f"{len(rows)} {what}, best {metric} ({opts.mode}) first")
 
@@ -169,12 +175,14 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = run_dir / "comparison.csv", run_dir / f"{metric}_per_epoch.png"
     write_csv(rows, csv_path)
-    plot_metric(rows, histories, metric).savefig(png_path, dpi=100)
+    plot_metric(rows, histories, epochs, metric).savefig(png_path, dpi=100)
     short_ids = ",".join(row["run_id"][:8] for row in rows)
-    # the comparison is filed beside what it compares: in the experiment of the newest compared run
-    tracker.experiment_name = client.get_experiment(runs[0].info.experiment_id).name
+    # filed beside what it compares, not among it (a run without the compared metrics would join the training
+    # experiment's charts): in "<experiment of the newest compared run>-comparisons"
+    tracker.experiment_name = f"{client.get_experiment(runs[0].info.experiment_id).name}-comparisons"
     tags = {"task": "compare", "compared_runs": short_ids[:5000]}
-    with tracker.start_run(tags, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+    name = cfg.tracking.get("run_name") or f"compare {len(rows)} runs by {metric}"
+    with tracker.start_run(tags, run_name=name) as run:
         for path in (csv_path, png_path):
             run.log_artifact(path, ARTIFACT_DIR)
     print_summary(
@@ -184,6 +192,7 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
             "plot": f"{png_path}  = runs:/{run.run_id}/{ARTIFACT_DIR}/{png_path.name}",
             "mlflow run": f"{run.run_name} ({run.run_id}) in experiment '{tracker.experiment_name}'",
             "mlflow ui": tracker.ui_command(),
+            "run page": tracker.run_url(run.run_id) or "-",
         },
     )
     return rows

@@ -12,12 +12,14 @@ from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks.common import (
     build_model,
     checkpoint_meta,
+    derived_run_tags,
     format_metrics,
     load_weights,
     log_run_spec,
     prepare,
     print_summary,
     resolve_checkpoint,
+    run_name,
     run_tags,
 )
 
@@ -32,10 +34,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     network = build_model(cfg, data.num_classes)
     meta = load_weights(cfg, checkpoint, network)
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
-    tags = run_tags(cfg, "eval")
-    if source_run_id:
-        tags["source_run_id"] = source_run_id
-    with stop_signals_interrupt(), tracker.start_run(tags) as run:
+    tags = derived_run_tags(tracker, run_tags(cfg, "eval"), source_run_id)
+    with stop_signals_interrupt(), tracker.start_run(tags, run_name=run_name(cfg, "eval")) as run:
         log_run_spec(run, cfg)
         metrics = {f"val_{k}": v for k, v in evaluate(network, data.loader("val")).items()}
         run.log_metrics(metrics, step=int(meta.get("epoch", 0)))
@@ -46,6 +46,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
             "metrics": format_metrics(metrics),
             "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
             "mlflow ui": tracker.ui_command(),
+            "run page": tracker.run_url(run.run_id) or "-",
         },
     )
     return metrics

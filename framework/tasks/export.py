@@ -33,11 +33,13 @@ from framework.models.layers import StemMaxPool
 from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import Positive
 from framework.tasks.common import (
+    derived_run_tags,
     load_trained_network,
     log_run_spec,
     prepare,
     print_summary,
     resolve_checkpoint,
+    run_name,
     run_tags,
 )
 from framework.tracking import MlflowRun
@@ -185,17 +187,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     exported = _check_parity(Exported(path, example, reference), spec)
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
     tags = {**run_tags(cfg, "export"), "export_format": spec.format}
-    tags["export_any_batch"] = str(exported.any_batch).lower()
-    if source_run_id:
-        tags["source_run_id"] = source_run_id
-    with stop_signals_interrupt(), tracker.start_run(tags) as run:
+    tags = derived_run_tags(tracker, {**tags, "export_any_batch": str(exported.any_batch).lower()}, source_run_id)
+    with stop_signals_interrupt(), tracker.start_run(tags, run_name=run_name(cfg, "export")) as run:
         _log_export(cfg, run, exported, spec, meta.get("class_names"))
         if spec.format == "ONNX":
             providers = ["CUDAExecutionProvider"] if hardware.device_target == "GPU" else []
             providers.append("CPUExecutionProvider")
             _log_onnx_model(tracker.uri, run.run_id, path, example, reference, exported.any_batch, providers)
-        if source_run_id:
-            tracker.client().set_tag(source_run_id, f"export.{spec.format.lower()}", run.run_id)
     _print_export_summary(exported, spec, run, source_run_id)
     return {
         "path": path,

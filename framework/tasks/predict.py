@@ -30,6 +30,7 @@ from framework.data.folder import IMAGE_EXTENSIONS
 from framework.data.transforms import eval_ops
 from framework.tasks.common import console, load_trained_network, prepare, print_summary, resolve_checkpoint
 from framework.tasks.export import load_exported
+from framework.tasks.pyfunc_model import eval_transform_args, probabilities
 
 FORMATS = {".ckpt": "ckpt", ".mindir": "mindir", ".onnx": "onnx"}
 
@@ -51,7 +52,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             ".onnx file (format=ckpt|mindir|onnx, or null to go by the suffix)"
         )
     run_logits, class_names, fixed_batch = _load_model(cfg, kind, model_path, run_id, tracker)
-    transform = T.Compose(eval_ops(*_eval_transform_args(cfg)))
+    transform = T.Compose(eval_ops(*eval_transform_args(cfg)))
     batch_size = fixed_batch or int(opts.batch_size)
 
     records, skipped = [], []
@@ -100,12 +101,6 @@ def _image_files(source: str | None) -> list[Path]:
     if not files:
         raise ConfigError(f"input={source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
     return files
-
-
-def _eval_transform_args(cfg: DictConfig) -> tuple:
-    data = cfg.dataset
-    size = int(data.get("eval_image_size") or data.image_size)
-    return size, float(data.crop_pct), str(data.interpolation), list(data.mean), list(data.std)
 
 
 def _load_model(
@@ -162,9 +157,7 @@ def _top_k(
     count = len(images)
     if fixed_batch and count < fixed_batch:
         images = np.concatenate([images, np.zeros((fixed_batch - count, *images.shape[1:]), images.dtype)])
-    logits = run_logits(images)[:count].astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = probabilities(run_logits(images)[:count])
     records = []
     for path, row in zip(paths, probs, strict=True):
         best = np.argsort(-row, kind="stable")[:k]

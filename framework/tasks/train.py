@@ -25,11 +25,12 @@ from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
 from framework.launch.msrun import RESULT_FILE, JobFailed
 from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
-from framework.runtime.signals import deferred_stop, stop_signals_interrupt
+from framework.runtime.signals import deferred_stop, raise_unheeded_stop, stop_signals_interrupt
 from framework.runtime.world import World, is_msrun_process
 from framework.tasks.common import (
     Resume,
     build_model,
+    command_line,
     console,
     format_metrics,
     log_run_spec,
@@ -37,6 +38,7 @@ from framework.tasks.common import (
     print_summary,
     refuse_other_model,
     resolve_resume,
+    run_name,
     run_tags,
 )
 from framework.tasks.data_parallel import launch_data_parallel
@@ -55,8 +57,9 @@ def train(cfg: DictConfig) -> FitResult:
     run_dir = Path(cfg.paths.run_dir)
     try:
         return _train(cfg, hardware, run_dir)
-    except (KeyboardInterrupt, TrainingDiverged, JobFailed):
-        if not is_msrun_process() and (run_dir / "checkpoints" / "last.ckpt").is_file():
+    except (KeyboardInterrupt, TrainingDiverged, JobFailed) as err:
+        finished = getattr(err, "finished", False)  # a stop signal came as training ended
+        if not finished and not is_msrun_process() and (run_dir / "checkpoints" / "last.ckpt").is_file():
             print(f"continue it with: {resume_command(run_dir)}", file=sys.stderr)
         raise
 
@@ -108,6 +111,7 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
         return result
     _write_result(run_dir, {"mlflow_run_id": run.run_id, **_result_record(result)})
     _print_summary(result, run, tracker, checksum)
+    raise_unheeded_stop()
     return result
 
 
@@ -190,7 +194,7 @@ def _tracking(
     if earlier_spool.resolve() != spool_dir.resolve():  # resumed from another job's folder
         tracker.deliver_kept(earlier_spool, micro_step, drop_later=True)
     run_id = resume.run_id if resume is not None else None
-    return tracker.start_run(tags, run_id, spool_dir=spool_dir, resume_micro_step=micro_step)
+    return tracker.start_run(tags, run_id, run_name(cfg), spool_dir, micro_step)
 
 
 def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: Resume | None, run_dir: Path) -> None:
@@ -202,7 +206,8 @@ def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: 
         run.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"config/resumed_{stamp}.yaml")
         run.set_tags({"resumed_from": str(cfg.resume), "run_dir": str(run_dir)})  # where its newest state is
         return
-    log_run_spec(run, cfg)
+    classes = job.data.num_classes  # a folder dataset's config leaves it to the folder
+    log_run_spec(run, cfg, {"dataset.num_classes": classes, "model.num_classes": classes})
     run.log_params(
         {"world_size": world.size, "global_batch_size": job.global_batch_size, "lr_scale_factor": job.lr_factor}
     )
@@ -248,7 +253,7 @@ def _observers(job: Job, run: MlflowRun | None, world: World) -> list[Observer]:
     """What hears the trainer: the display, MLflow (rank 0), early stopping, and a sweep trial's pruning."""
     observers: list[Observer] = [ProgressDisplay(console)]
     if run is not None:
-        observers.append(TrackRun(run))
+        observers.append(TrackRun(run, job.trainer.accumulation_steps))
     if job.trainer.early_stopping is not None:
         observers.append(job.trainer.early_stopping)
     study_trial = StudyTrial.from_environment() if world.is_main else None  # rank 0 reports to a sweep's study
@@ -271,12 +276,29 @@ def _log_checkpoints(run: MlflowRun, checkpoint_dir: Path, bad_images: list[str]
 
 
 def _log_end(run: MlflowRun, job: Job, result: FitResult, checksum: str) -> None:
-    run.set_tags({"weights_sha256": checksum})
+    description = f"`{command_line()}`\n\n{_headline(result, job.trainer.monitor)}"
+    run.set_tags({"weights_sha256": checksum, "mlflow.note.content": description})
     if result.best is not None:
         monitor = job.trainer.monitor
-        run.log_metrics({f"best_{monitor}": result.best[monitor]}, step=int(result.best["epoch"]))
+        epoch = int(result.best["epoch"])  # at the update that ended the best epoch, as its val metrics
+        run.log_metrics(
+            {f"best_{monitor}": result.best[monitor]}, step=epoch * job.updates_per_epoch,
+            micro_step=epoch * job.steps_per_epoch,
+        )  # fmt: skip
     if result.stopped is not None:
         run.set_tags(stop_tags(result.stopped))
+
+
+def _headline(result: FitResult, monitor: str) -> str:
+    """The result at the end of the run's description: the best and last ``monitor`` and an early stop."""
+    parts = [
+        f"**{name}** {monitor} {metrics[monitor]:.4f} (epoch {metrics['epoch']})"
+        for name, metrics in (("best", result.best), ("last", result.last))
+        if metrics and monitor in metrics
+    ]
+    if result.stopped:
+        parts.append(f"stopped after epoch {result.stopped['epoch']}: {result.stopped['reason']}")
+    return " · ".join(parts) or "no evaluation"
 
 
 def _result_record(result: FitResult) -> dict:
@@ -305,6 +327,7 @@ def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, ch
             "weights sha256": checksum,
             "evaluate": f"python run.py task=eval ckpt={best}",
             "mlflow ui": tracker.ui_command(),
+            "run page": tracker.run_url(run.run_id) or "-",
         }
     )
     print_summary("training finished", rows)

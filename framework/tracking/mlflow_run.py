@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -75,6 +76,17 @@ class MlflowTracker:
             return f"open {self.uri} in a browser"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000   # then open http://127.0.0.1:5000"
 
+    def run_url(self, run_id: str | None) -> str | None:
+        """The run's page in the MLflow UI that ``ui_command`` opens; None while the run does not exist there."""
+        if run_id is None:
+            return None
+        try:
+            experiment_id = self.client().get_run(run_id).info.experiment_id
+        except (MlflowException, RequestException, OSError):
+            return None
+        base = self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
     def experiment_id(self, client: MlflowClient, name: str | None = None) -> str:
         """Id of the experiment ``name`` (default ``experiment_name``), created if it does not exist."""
         name = name or self.experiment_name
@@ -126,7 +138,7 @@ class MlflowTracker:
             if os.environ.get(PARENT_RUN_ENV):
                 tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
                 tags["sweep_trial"] = os.environ.get(TRIAL_ENV, "")
-                run_name = f"{run_name}-trial{tags['sweep_trial']}"
+                run_name = f"#{tags['sweep_trial']} {run_name}"
             spool.set_state(spool_id=uuid.uuid4().hex, run_name=run_name)
             spool.append({"kind": "create", "run_name": run_name, "tags": tags})
         else:
@@ -322,6 +334,8 @@ class MlflowRun:
         kind, client, run_id = record["kind"], self.client, self.run_id
         if kind == "create":
             self.spool.set_state(run_id=self._create_run(record))
+            if self.spool.folder is not None:  # bookkeeping for the creation only, not a tag for users
+                client.delete_tag(self.run_id, "spool_id")
         elif kind == "status":
             if record["status"] == RunStatus.to_string(RunStatus.RUNNING):
                 try:
@@ -368,7 +382,23 @@ class MlflowRun:
             if found:
                 return found[0].info.run_id
         tags = {**record["tags"], "spool_id": spool_id} if self.spool.folder is not None else record["tags"]
-        return self.client.create_run(experiment_id, run_name=record["run_name"], tags=tags).info.run_id
+        name = self._unique_name(experiment_id, record["run_name"])
+        self.spool.set_state(run_name=name)
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def _unique_name(self, experiment_id: str, name: str | None) -> str | None:
+        """``name``, or ``name (2)``, ``(3)``... when the experiment has a run of that name: the run list tells
+        runs apart by name."""
+        if not name:
+            return name
+        prefix = re.split(r"['\"\\%]", name)[0]  # LIKE's other wildcard, _, only widens the search
+        found = self.client.search_runs([experiment_id], f"attributes.run_name LIKE '{prefix}%'", max_results=5000)
+        taken = {run.info.run_name for run in found}
+        unique, number = name, 1
+        while unique in taken:
+            number += 1
+            unique = f"{name} ({number})"
+        return unique
 
 
 def _is_rejection(err: Exception) -> bool:

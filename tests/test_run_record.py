@@ -1,0 +1,47 @@
+"""What a run looks like in MLflow's UI: names that tell siblings apart, a description, the source, and params
+that compare cleanly."""
+
+from __future__ import annotations
+
+from framework.config import build
+from framework.tasks.common import run_name, run_params, run_tags
+from tests.conftest import all_runs, compose_config, mlflow_client
+
+
+def test_run_name_is_the_model_and_the_changed_settings(tmp_path):
+    overrides = ["experiment=digits_nfnet_f0", "scheduler.lr=0.0123456789", "dataset.batch_size=64", "optimizer=adamw"]
+    cfg = compose_config(overrides, tmp_path)
+    # the model first (its experiment chose it); overrides shortened: a key's last part (batch_size: batch),
+    # numbers to 4 significant digits
+    assert run_name(cfg) == "nfnet_f0 lr=0.01235 batch=64 optimizer=adamw"
+    assert run_name(cfg, "eval") == "eval nfnet_f0 lr=0.01235 batch=64 optimizer=adamw"
+    assert run_name(compose_config(["tracking.run_name=mine"], tmp_path)) == "mine"
+
+
+def test_names_stay_unique_in_an_experiment(tmp_path):
+    tracker = build(compose_config([], tmp_path), "tracking")
+    names = []
+    for _ in range(3):
+        with tracker.start_run({}, run_name="resnext50_32x4d lr=0.1") as run:
+            names.append(run.run_name)
+    assert names == ["resnext50_32x4d lr=0.1", "resnext50_32x4d lr=0.1 (2)", "resnext50_32x4d lr=0.1 (3)"]
+    assert sorted(r.info.run_name for r in all_runs(mlflow_client(tmp_path))) == sorted(names)
+
+
+def test_tags_name_the_source_user_and_command(tmp_path):
+    cfg = compose_config(["model=resnext_test", "engine.epochs=3"], tmp_path)
+    tags = run_tags(cfg, "train")
+    assert tags["mlflow.source.name"] == "run.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and len(tags["mlflow.source.git.commit"]) == 40
+    description = tags["mlflow.note.content"]
+    assert description.startswith("`python run.py ") and "engine.epochs=3" in description
+
+
+def test_params_are_hyper_parameters_only(tmp_path):
+    cfg = compose_config(["dataset=folder", f"dataset.path={tmp_path}"], tmp_path)
+    params = run_params(cfg, {"dataset.num_classes": 7})
+    assert params["choice.dataset"] == "folder" and params["choice.model"] == "resnext50"
+    assert params["dataset.num_classes"] == 7 and params["dataset.path"] == str(tmp_path)  # the data, not the run
+    assert not [k for k, v in params.items() if k.endswith("._target_") or v is None]
+    assert not [k for k in params if k.split(".")[0] in ("paths", "tracking", "task", "run_dir", "ckpt", "resume")]
+    assert "dataset.bad_image_log" not in params  # a file in the run's folder
