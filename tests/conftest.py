@@ -8,9 +8,17 @@ import mindspore  # noqa: F401  (before MLflow: MindSpore selects the protobuf b
 # isort: on
 
 import atexit
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
+from framework.launch.msrun import free_port
 from framework.tasks import register_resolvers
 
 register_resolvers()  # as run.py does
@@ -76,6 +85,43 @@ def mlflow_client(tmp_path: Path) -> MlflowClient:
 def all_runs(client: MlflowClient) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments) if experiments else []
+
+
+@contextmanager
+def served_model(tmp_path: Path, model_uri: str) -> Iterator[Callable[[dict], dict]]:
+    """``mlflow models serve -m <model_uri> --env-manager local`` on ``tmp_path``'s store, as a user in the
+    activated project environment runs it; yields a function that posts a JSON body to /invocations."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    # the server execs `uvicorn` from PATH: put this environment's scripts first, as activating it would
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    base, started = f"http://127.0.0.1:{port}", time.monotonic()
+    try:
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() - started < 180, "the model server did not answer /ping"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        print(f"mlflow models serve answered after {time.monotonic() - started:.1f} s")
+
+        def invoke(body: dict) -> dict:
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(), headers=headers)
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return json.load(answer)
+
+        yield invoke
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from framework.config import ConfigError
 from framework.engine import save_checkpoint
 from framework.models import create_model
 from framework.tasks.export import ExportMismatch, ExportUnsupported, export, load_exported
-from tests.conftest import all_runs, compose_config, mlflow_client
+from tests.conftest import all_runs, compose_config, mlflow_client, served_model
 
 pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
 
@@ -103,51 +104,15 @@ def test_export_that_differs_beyond_tolerance_is_refused(tmp_path):
 
 def test_onnx_model_is_served_over_http(tmp_path):
     """``mlflow models serve`` on the export run's model answers a posted batch like local inference."""
-    import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     result = export(export_config(tmp_path, "resnext_test", "ONNX"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
-    # the server execs `uvicorn` from PATH: put this environment's scripts first, as activating it would
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{result['run_id']}/model",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with served_model(tmp_path, f"runs:/{result['run_id']}/model") as invoke:
         images = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": {"images": images.tolist()}}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
         started = time.perf_counter()
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        answer = invoke({"inputs": {"images": images.tolist()}})
         print(f"SERVE round trip {1000 * (time.perf_counter() - started):.1f} ms for 3 images")
-        served = np.asarray(answer["predictions"]["logits"], np.float32)
-        assert served.shape == (3, 10)
-        assert np.abs(served - load_exported(result["path"])(images)).max() <= 1e-5
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    served = np.asarray(answer["predictions"]["logits"], np.float32)
+    assert served.shape == (3, 10)
+    assert np.abs(served - load_exported(result["path"])(images)).max() <= 1e-5
 
 
 def test_onnx_export_names_the_operator_mindspore_cannot_write(tmp_path):

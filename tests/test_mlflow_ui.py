@@ -32,7 +32,7 @@ def test_printed_mlflow_ui_command_serves_the_local_store(tmp_path):
     assert printed, train.stdout[-2000:]
     command = printed.group(1)
     assert f"--backend-store-uri sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}" in command
-    run_page = r"^run page\s+http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/([0-9a-f]{32})$"
+    run_page = r"^run page\s+http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/([0-9a-f]{32})\?workflowType="
     page = re.search(run_page, train.stdout, re.MULTILINE)
     assert page, train.stdout[-2000:]
     port = free_port()

@@ -51,3 +51,5 @@ class DigitsData(ImageData):
         )
         self.sources = {"train": ArraySource(train_x, train_y), "val": ArraySource(val_x, val_y)}
         self.class_names = [str(i) for i in range(10)]
+        self.name = "digits"
+        self.locations = {split: "sklearn.datasets.load_digits" for split in self.sources}

@@ -156,6 +156,8 @@ class ImageFolderData(ImageData):
             "train": FolderSource(train_files, train_labels, on_bad_image, self.bad_image_log),
             "val": FolderSource(val_files, val_labels, on_bad_image, self.bad_image_log),
         }
+        self.name = root.resolve().name
+        self.locations = {"train": str((root / train_dir).resolve()), "val": str((root / val_dir).resolve())}
 
     def bad_images(self) -> list[str]:
         return read_bad_image_log(self.bad_image_log)

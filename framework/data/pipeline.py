@@ -43,11 +43,14 @@ class ImageData:
     """Train/val loaders of one dataset: ``loader(split, shard_id, num_shards)`` gives batches of
     (float32 NCHW images, labels); train labels are soft targets (N, num_classes) when mixup/cutmix is on.
 
-    Subclasses fill ``self.sources`` (split → source), ``self.class_names`` and call ``super().__init__``.
+    Subclasses fill ``self.sources`` (split → source), ``self.class_names``, ``self.name`` and
+    ``self.locations`` (split → where its images come from) and call ``super().__init__``.
     """
 
     sources: dict[str, ImageSource]
     class_names: list[str]
+    name: str
+    locations: dict[str, str]
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ _SENTINEL = (
     "sys.stdin.buffer.read()\n"
 )
 _NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+STOP_SIGNALS = tuple(_NAMES)
 
 
 class Interrupted(KeyboardInterrupt):

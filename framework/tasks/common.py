@@ -245,12 +245,15 @@ def log_run_spec(run: MlflowRun, cfg: DictConfig, resolved: dict[str, Any] | Non
 def resolve_checkpoint(
     ckpt: str | None, tracker: MlflowTracker, download_dir: Path, key: str = "ckpt"
 ) -> tuple[Path, str | None]:
-    """Local path of ``ckpt``: a file, or ``runs:/<run_id>/<artifact path>`` fetched into ``download_dir``.
+    """Local path of ``ckpt``: a file, ``runs:/<run_id>/<artifact path>`` fetched into ``download_dir``, or the
+    weights in a model a training run logged (``models:/<name>/<version>``, ``models:/<model id>``).
 
-    Returns the path and the run id named by a ``runs:/`` URI (None for a file).
+    Returns the path and the run id named by a ``runs:/`` URI (None otherwise: the checkpoint's metadata has it).
     """
     if not ckpt:
         raise ConfigError("this task needs a checkpoint: ckpt=<file.ckpt> or ckpt=runs:/<run_id>/checkpoints/best.ckpt")
+    if str(ckpt).startswith("models:/"):
+        return _model_weights(str(ckpt), tracker, download_dir, key), None
     if str(ckpt).startswith("runs:/"):
         parts = str(ckpt)[len("runs:/") :].split("/", 1)
         if len(parts) < 2 or not parts[1]:
@@ -267,6 +270,23 @@ def resolve_checkpoint(
             f"{key}={ckpt}: no such checkpoint file ({path}). Pass an existing .ckpt or runs:/<id>/<path>"
         )
     return path, None
+
+
+def _model_weights(uri: str, tracker: MlflowTracker, download_dir: Path, key: str) -> Path:
+    """The checkpoint inside an MLflow model a training run of this project logged, fetched into ``download_dir``."""
+    try:
+        download_dir.mkdir(parents=True, exist_ok=True)
+        location = tracker.model_location(uri)
+        local = Path(download_artifacts(artifact_uri=location, tracking_uri=tracker.uri, dst_path=str(download_dir)))
+    except (MlflowException, OSError) as err:
+        raise ConfigError(f"{key}={uri}: cannot fetch it from {tracker.uri}: {str(err).splitlines()[0]}") from err
+    weights = sorted(local.glob("artifacts/*.ckpt"))
+    if not weights:
+        raise ConfigError(
+            f"{key}={uri}: this MLflow model holds no checkpoint of this project (artifacts/*.ckpt). Pass a model a "
+            "training run logged (models:/<name>/<version>) or a checkpoint (runs:/<run_id>/checkpoints/best.ckpt)"
+        )
+    return weights[0]
 
 
 @dataclass

@@ -5,6 +5,10 @@ gives ``task=predict``'s probabilities and ``mlflow models serve --env-manager l
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +54,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.network.set_train(False)
         self.transform = T.Compose(eval_ops(*eval_transform_args(cfg)))
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would read them as an input schema
-        images = model_input["images"] if isinstance(model_input, dict) else model_input
-        batch = np.stack([self.transform(np.asarray(image, dtype=np.uint8)) for image in images])
-        logits = self.network(ms.Tensor(batch.astype(np.float32))).asnumpy()
-        return pd.DataFrame(probabilities(logits), columns=self.classes)
+
+def _predict(self, context, model_input, params=None):  # no hints: see below
+    images = model_input["images"] if isinstance(model_input, dict) else model_input
+    batch = np.stack([self.transform(np.asarray(image, dtype=np.uint8)) for image in images])
+    logits = self.network(ms.Tensor(batch.astype(np.float32))).asnumpy()
+    return pd.DataFrame(probabilities(logits), columns=self.classes)
+
+
+# Attached after the class is made: MLflow reads a PythonModel's predict type hints as its input schema when the
+# class is made (and warns on every import when there are none), but this model's schema is the uint8 tensor
+# signature save_pyfunc_model gives, which hints cannot say.
+ImageClassifier.predict = _predict
 
 
 def save_pyfunc_model(cfg: DictConfig, weights: Path, class_names: list[str], path: Path) -> Path:
@@ -68,9 +79,32 @@ def save_pyfunc_model(cfg: DictConfig, weights: Path, class_names: list[str], pa
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
         outputs=Schema([ColSpec("double", name) for name in class_names]),
     )
+    with _quiet():
+        _save(path, files, weights, signature, size)
+    return path
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Without MLflow's progress bars and notes: saving checks the model by loading it, which copies its files."""
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    level = logging.getLogger("mlflow.pyfunc").level
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.getLogger("mlflow.pyfunc").setLevel(level)
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+
+
+def _save(path: Path, files: Path, weights: Path, signature: ModelSignature, size: int) -> None:
     mlflow.pyfunc.save_model(
         str(path),
-        python_model=ImageClassifier(),
+        python_model=str(Path(__file__).with_name("pyfunc_code.py")),  # code, not a pickle
         artifacts={CONFIG: str(files / "config.yaml"), WEIGHTS: str(weights), CLASSES: str(files / "classes.json")},
         signature=signature,
         input_example={"images": np.full((1, size, size, 3), 128, np.uint8)},
@@ -78,4 +112,3 @@ def save_pyfunc_model(cfg: DictConfig, weights: Path, class_names: list[str], pa
         # subprocess to infer them
         pip_requirements=[f"mindspore=={ms.__version__}", f"mlflow=={mlflow.__version__}", "numpy<2", "pandas"],
     )
-    return path

@@ -7,6 +7,7 @@ runs this same task on its data shard; rank 0 alone opens the MLflow run and wri
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -43,6 +44,7 @@ from framework.tasks.common import (
 )
 from framework.tasks.data_parallel import launch_data_parallel
 from framework.tasks.observers import PruneTrial, TrackRun, stop_tags
+from framework.tasks.pyfunc_model import save_pyfunc_model
 from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.study import StudyTrial
 
@@ -102,10 +104,12 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     with stop_signals_interrupt(), _tracking(cfg, tracker, run_dir, resume, world) as run:
         if run is not None:
             _log_start(cfg, run, job, world, resume, run_dir)
-        result = _fit(cfg, job, run, run_dir, resume, world)
+        with run.system_metrics() if run is not None and tracker.system_metrics else nullcontext():
+            result = _fit(cfg, job, run, run_dir, resume, world)
         checksum = _record_weights(job.prepared.network, run_dir, world)
         if run is not None:
             _log_end(run, job, result, checksum)
+            _log_model(cfg, run, job, result, tracker.register_model)
     if not world.is_main:
         print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
         return result
@@ -218,8 +222,25 @@ def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: 
     fingerprint = job.data.fingerprint()
     run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
     run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
+    _log_datasets(run, job.data, fingerprint, counts)
     title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(job.schedule)} updates"
     run.log_figure(plot_schedule(job.schedule, job.updates_per_epoch, title), "lr_schedule.png")
+
+
+def _log_datasets(run: MlflowRun, data: ImageData, fingerprint: dict, counts: dict[str, list[int]]) -> None:
+    """Train and val splits as the run's dataset inputs: where the images are, the content digest, counts and
+    the class map (the run page's Datasets; data/ holds the same in full)."""
+    class_map = {name: index for index, name in enumerate(data.class_names)}
+    for split, context in (("train", "train"), ("val", "validation")):
+        per_class = counts[split]
+        profile = {
+            "images": fingerprint[f"{split}_items"],
+            "classes": len(class_map),
+            "images_per_class": f"{min(per_class)}-{max(per_class)}",
+            "class_map": json.dumps(class_map),
+        }
+        digest = str(fingerprint[f"{split}_sha256"])[:16]
+        run.log_dataset(f"{data.name}/{split}", digest, data.locations[split], context, profile)
 
 
 def _fit(
@@ -289,6 +310,21 @@ def _log_end(run: MlflowRun, job: Job, result: FitResult, checksum: str) -> None
         run.set_tags(stop_tags(result.stopped))
 
 
+def _log_model(cfg: DictConfig, run: MlflowRun, job: Job, result: FitResult, register: str | None) -> None:
+    """The best weights (without an evaluation, the last) as the run's MLflow pyfunc model ``model``, a new
+    version of the registered model ``register`` when one is named."""
+    weights = result.checkpoints.get("best") or result.checkpoints.get("last")
+    if weights is None:
+        return
+    path = Path(weights).parent.parent / "model"
+    shutil.rmtree(path, ignore_errors=True)  # an earlier job's in the same folder (resumed)
+    save_pyfunc_model(cfg, Path(weights), job.data.class_names, path)
+    best, monitor = result.best, job.trainer.monitor
+    epoch = int(best["epoch"]) if best else len(result.history)
+    description = f"{monitor} {best[monitor]:.4f} at epoch {epoch}" if best else f"the weights after epoch {epoch}"
+    run.log_model(path, epoch * job.updates_per_epoch, register, f"{description}, from run '{run.run_name}'")
+
+
 def _headline(result: FitResult, monitor: str) -> str:
     """The result at the end of the run's description: the best and last ``monitor`` and an early stop."""
     parts = [
@@ -326,6 +362,10 @@ def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, ch
             "last checkpoint": str(result.checkpoints.get("last")),
             "weights sha256": checksum,
             "evaluate": f"python run.py task=eval ckpt={best}",
+            "mlflow model": f"runs:/{run.run_id}/model  (mlflow.pyfunc.load_model; serve: mlflow models serve -m "
+            f"runs:/{run.run_id}/model --env-manager local)"
+            if run.run_id
+            else "-",
             "mlflow ui": tracker.ui_command(),
             "run page": tracker.run_url(run.run_id) or "-",
         }

@@ -11,10 +11,12 @@ With neither ``tracking.uri`` nor ``MLFLOW_TRACKING_URI`` set, runs go to a loca
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -22,7 +24,16 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunStatus,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from requests.exceptions import RequestException
@@ -38,14 +49,24 @@ PARENT_RUN_ENV = "FRAMEWORK_SWEEP_PARENT_RUN_ID"  # set while a sweep runs: new 
 TRIAL_ENV = "FRAMEWORK_SWEEP_TRIAL"  # the Hydra job number of the trial being run
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop notes
 
 
 class MlflowTracker:
     """Opens MLflow runs in ``experiment_name`` on the chosen tracking store."""
 
-    def __init__(self, experiment_name: str, local_store: str, uri: str | None = None, run_name: str | None = None):
+    def __init__(
+        self,
+        experiment_name: str,
+        local_store: str,
+        uri: str | None = None,
+        run_name: str | None = None,
+        register_model: str | None = None,
+        system_metrics: bool = True,
+    ):
         self.experiment_name = experiment_name
         self.run_name = run_name
+        self.register_model, self.system_metrics = register_model, system_metrics
         self.local_store = Path(local_store).resolve()
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.local_store / 'mlflow.db'}"
         self.is_local = self.uri == f"sqlite:///{self.local_store / 'mlflow.db'}"
@@ -76,6 +97,17 @@ class MlflowTracker:
             return f"open {self.uri} in a browser"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000   # then open http://127.0.0.1:5000"
 
+    def model_location(self, uri: str) -> str:
+        """Where the files of ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or ``models:/<model id>``
+        are on this tracking store (MLflow itself resolves ``models:/`` against its default registry)."""
+        client, ref = self.client(), uri[len("models:/") :].strip("/")
+        if "/" in ref:
+            return client.get_model_version_download_uri(*ref.split("/", 1))
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_download_uri(name, client.get_model_version_by_alias(name, alias).version)
+        return client.get_logged_model(ref).artifact_location
+
     def run_url(self, run_id: str | None) -> str | None:
         """The run's page in the MLflow UI that ``ui_command`` opens; None while the run does not exist there."""
         if run_id is None:
@@ -85,7 +117,7 @@ class MlflowTracker:
         except (MlflowException, RequestException, OSError):
             return None
         base = self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     def experiment_id(self, client: MlflowClient, name: str | None = None) -> str:
         """Id of the experiment ``name`` (default ``experiment_name``), created if it does not exist."""
@@ -94,8 +126,11 @@ class MlflowTracker:
         if experiment is not None:
             return experiment.experiment_id
         location = (self.local_store / "artifacts" / name).as_uri() if self.is_local else None
+        # the kind MLflow's UI asks new experiments for: model training, not GenAI (3.17 lands on the runs table
+        # only with ?workflowType=machine_learning, which run_url adds)
+        tags = {"mlflow.experimentKind": "custom_model_development"}
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException:  # created concurrently by another process
             return client.get_experiment_by_name(name).experiment_id
 
@@ -219,6 +254,28 @@ class MlflowRun:
         items = [[k, float(v), timestamp, step] for k, v in metrics.items()]
         self.spool.append({"kind": "metrics", "micro_step": step if micro_step is None else micro_step, "items": items})
 
+    @contextmanager
+    def system_metrics(self, interval: float = 10.0) -> Iterator[None]:
+        """MLflow's sampler of CPU, memory, disk, network (and GPU) into the run as ``system/*`` metrics while the
+        block runs, every ``interval`` s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it). It logs
+        directly, not through the spool, so only while the run exists on its server; its stop waits at most 30 s
+        (MLflow's client retries an unreachable server for minutes)."""
+        if self.run_id is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id, interval, resume_logging=self._continued, tracking_uri=self.client.tracking_uri
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            stopping = threading.Thread(target=monitor.finish, daemon=True)
+            stopping.start()
+            stopping.join(timeout=30)
+
     def checkpointed(self, micro_step: int) -> None:
         """A checkpoint of ``micro_step`` is on disk: what was logged up to it is sent now (and later records
         wait for the next one, so a job resumed from the newest checkpoint logs each step once)."""
@@ -233,6 +290,19 @@ class MlflowRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.spool.append({"kind": "text", "text": text, "artifact_file": artifact_file})
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]) -> None:
+        """A dataset input of the run (the run page's Datasets): ``name``, content ``digest``, where its images
+        come from, its role (``train``, ``validation``) and ``profile`` (counts, class map)."""
+        record = {"name": name, "digest": digest, "source": source, "context": context, "profile": dict(profile)}
+        self.spool.append({"kind": "dataset", **record})
+
+    def log_model(self, path: Path, step: int, register: str | None = None, description: str = "") -> None:
+        """The MLflow model saved in the folder ``path`` as the run's logged model ``model`` (MLflow 3's
+        LoggedModel: in the run's Models, loadable as ``runs:/<run_id>/model``), at training ``step``;
+        ``register``: also a new version of that registered model, described by ``description``."""
+        record = {"path": str(Path(path).resolve()), "step": step, "register": register, "description": description}
+        self.spool.append({"kind": "model", **record})
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure as an image artifact (saved as a file first when the records are kept on disk)."""
@@ -367,11 +437,40 @@ class MlflowRun:
             client.log_text(run_id, record["text"], record["artifact_file"])
         elif kind == "figure":
             client.log_figure(run_id, record["figure"], record["artifact_file"])
+        elif kind == "dataset":
+            source = json.dumps({"uri": record["source"]})
+            dataset = Dataset(record["name"], record["digest"], "local", source, profile=json.dumps(record["profile"]))
+            tags = [InputTag("mlflow.data.context", record["context"])]
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+        elif kind == "model":
+            self._send_model(record)
         elif kind == "artifact":
             if Path(record["path"]).is_file():
                 client.log_artifact(run_id, record["path"], record["artifact_path"])
             else:
                 print(f"warning: {record['path']} is gone; not logged to MLflow run {run_id}", file=sys.stderr)
+
+    def _send_model(self, record: dict[str, Any]) -> None:
+        """Log the saved model as a LoggedModel of the run (once: a retry finds the one it made) and register it."""
+        client, run_id = self.client, self.run_id
+        experiment_id = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        model = found[0] if found else client.create_logged_model(experiment_id, "model", source_run_id=run_id)
+        client.log_model_artifacts(model.model_id, record["path"])
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
+        name = record["register"]
+        if not name or client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return
+        if not client.search_registered_models(f"name = '{name}'"):
+            try:
+                client.create_registered_model(name)
+            except MlflowException:  # registered concurrently (parallel sweep trials)
+                pass
+        version = client.create_model_version(
+            name, model.artifact_location, run_id, description=record["description"], model_id=model.model_id
+        )
+        print(f"registered model {name} version {version.version}: models:/{name}/{version.version}")
 
     def _create_run(self, record: dict[str, Any]) -> str:
         """Create the run, or find the one an interrupted earlier attempt created (by the spool's id)."""

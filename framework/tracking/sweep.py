@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError
-from framework.runtime.signals import raise_interrupt
+from framework.runtime.signals import STOP_SIGNALS, raise_interrupt
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV, MlflowTracker
 from framework.tracking.study import describe_storage, is_optuna_sweep, plan_study
 
@@ -44,7 +44,7 @@ class SweepRun(Callback):
         self.monitor, self.mode = "val_top1", "max"
         self.swept_keys: list[str] = []
         self.trial_offset = 0  # trials a continued study's parent already has
-        self.previous_sigterm: Any = None
+        self.previous_handlers: dict[int, Any] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
@@ -88,7 +88,7 @@ class SweepRun(Callback):
         atexit.register(self._end, RunStatus.KILLED)  # the sweep stopped before on_multirun_end (Ctrl-C, crash)
         # MindSpore answers Ctrl-C by sending SIGTERM, which would end the process without atexit: make it an
         # interrupt while the sweep runs
-        self.previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+        self.previous_handlers = {signum: signal.signal(signum, raise_interrupt) for signum in STOP_SIGNALS}
         print(f"sweep parent MLflow run {self.parent_id} in experiment '{self.tracker.experiment_name}'")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -97,6 +97,13 @@ class SweepRun(Callback):
         hydra = HydraConfig.get()
         if PARENT_RUN_ENV in os.environ and hydra.mode == RunMode.MULTIRUN and TRIAL_ENV not in hydra.job.env_set:
             os.environ[TRIAL_ENV] = str(self.trial_offset + hydra.job.num)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Take the stop signals back after each trial: the MindSpore graphs a trial ran leave MindSpore's own
+        SIGINT handler installed, which lost a Ctrl-C pressed between two trials (the sweep went on)."""
+        if self.previous_handlers:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, raise_interrupt)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -123,8 +130,9 @@ class SweepRun(Callback):
         parent_id, self.parent_id = self.parent_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(TRIAL_ENV, None)
-        if self.previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
         client = self.tracker.client()
         children = child_runs(client, parent_id)
         key = f"best_{self.monitor}"
