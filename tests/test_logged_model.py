@@ -51,6 +51,8 @@ def test_the_run_logs_a_model_that_answers_as_task_predict(trained, tmp_path):
     (output,) = run.outputs.model_outputs
     logged = client.get_logged_model(output.model_id)
     assert (logged.name, logged.source_run_id, logged.status.name) == ("model", run.info.run_id, "READY")
+    files = {p.name for p in (store / "run" / "model").rglob("*")}  # as logged: loaded from code, nothing unpickled
+    assert {"MLmodel", "pyfunc_code.py", "best.ckpt"} <= files and not [f for f in files if f.endswith(".pkl")]
     images = image_folder(tmp_path / "images")
     cfg = compose_config(["task=predict", *FAST, "ckpt=models:/digits/1", f"input={images}", "predict.top_k=10"],
                          store)  # fmt: skip

@@ -113,7 +113,8 @@ class MlflowTracker:
         if run_id is None:
             return None
         try:
-            experiment_id = self.client().get_run(run_id).info.experiment_id
+            with _fail_fast():  # a summary does not wait minutes for a server that went away
+                experiment_id = self.client().get_run(run_id).info.experiment_id
         except (MlflowException, RequestException, OSError):
             return None
         base = self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -258,7 +259,7 @@ class MlflowRun:
     def system_metrics(self, interval: float = 10.0) -> Iterator[None]:
         """MLflow's sampler of CPU, memory, disk, network (and GPU) into the run as ``system/*`` metrics while the
         block runs, every ``interval`` s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it). It logs
-        directly, not through the spool, so only while the run exists on its server; its stop waits at most 30 s
+        directly, not through the spool, so only while the run exists on its server; its stop waits at most 10 s
         (MLflow's client retries an unreachable server for minutes)."""
         if self.run_id is None:
             yield
@@ -274,7 +275,7 @@ class MlflowRun:
         finally:
             stopping = threading.Thread(target=monitor.finish, daemon=True)
             stopping.start()
-            stopping.join(timeout=30)
+            stopping.join(timeout=10)
 
     def checkpointed(self, micro_step: int) -> None:
         """A checkpoint of ``micro_step`` is on disk: what was logged up to it is sent now (and later records
@@ -438,10 +439,13 @@ class MlflowRun:
         elif kind == "figure":
             client.log_figure(run_id, record["figure"], record["artifact_file"])
         elif kind == "dataset":
-            source = json.dumps({"uri": record["source"]})
-            dataset = Dataset(record["name"], record["digest"], "local", source, profile=json.dumps(record["profile"]))
-            tags = [InputTag("mlflow.data.context", record["context"])]
-            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+            logged = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+            if (record["name"], record["digest"]) not in logged:  # a run continued by a job started over has it
+                source = json.dumps({"uri": record["source"]})
+                profile = json.dumps(record["profile"])
+                dataset = Dataset(record["name"], record["digest"], "local", source, profile=profile)
+                tags = [InputTag("mlflow.data.context", record["context"])]
+                client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
         elif kind == "model":
             self._send_model(record)
         elif kind == "artifact":
@@ -451,14 +455,16 @@ class MlflowRun:
                 print(f"warning: {record['path']} is gone; not logged to MLflow run {run_id}", file=sys.stderr)
 
     def _send_model(self, record: dict[str, Any]) -> None:
-        """Log the saved model as a LoggedModel of the run (once: a retry finds the one it made) and register it."""
+        """Log the saved model as the run's LoggedModel and register it. One model per run: a retry, or a resumed
+        job's newer weights, replace the files of the one the run has."""
         client, run_id = self.client, self.run_id
-        experiment_id = client.get_run(run_id).info.experiment_id
-        found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
-        model = found[0] if found else client.create_logged_model(experiment_id, "model", source_run_id=run_id)
+        run = client.get_run(run_id)
+        found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        model = found[0] if found else client.create_logged_model(run.info.experiment_id, "model", source_run_id=run_id)
         client.log_model_artifacts(model.model_id, record["path"])
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
+        if model.model_id not in {output.model_id for output in (run.outputs.model_outputs if run.outputs else [])}:
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
         name = record["register"]
         if not name or client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             return
