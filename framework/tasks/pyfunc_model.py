@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.config import build
 from framework.data.transforms import eval_ops
 from framework.engine.checkpoint import load_checkpoint
+from framework.runtime.environment import environment
 
 CONFIG, WEIGHTS, CLASSES = "config", "weights", "classes"  # the model's artifacts
 
@@ -87,18 +87,14 @@ def save_pyfunc_model(cfg: DictConfig, weights: Path, class_names: list[str], pa
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Without MLflow's progress bars and notes: saving checks the model by loading it, which copies its files."""
-    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    level = logging.getLogger("mlflow.pyfunc").level
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
-        yield
+        with environment({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            yield
     finally:
-        logging.getLogger("mlflow.pyfunc").setLevel(level)
-        if previous is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+        logger.setLevel(level)
 
 
 def _save(path: Path, files: Path, weights: Path, signature: ModelSignature, size: int) -> None:

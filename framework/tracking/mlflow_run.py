@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from requests.exceptions import RequestException
 
 from framework.config import ConfigError
 from framework.paths import unwritable
+from framework.runtime.environment import environment
 from framework.tracking.spool import Spool, record_micro_step
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
@@ -511,17 +512,6 @@ def _is_rejection(err: Exception) -> bool:
     return isinstance(err, MlflowException) and 400 <= err.get_http_status_code() < 500
 
 
-@contextmanager
-def _fail_fast() -> Iterator[None]:
+def _fail_fast() -> AbstractContextManager[None]:
     """MLflow's client retries a dead server for minutes by default; the spool retries at the next flush."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-    previous = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
