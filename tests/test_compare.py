@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from mlflow.entities import Metric, Param
@@ -174,7 +176,10 @@ def test_files_written_and_logged_to_a_compare_run(store, make_config, tmp_path,
     assert run.info.run_name == f"compare {len(rows)} runs by val_top1"
     artifacts = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "comparison")}
     assert artifacts == {"comparison/comparison.csv", "comparison/val_top1_per_epoch.png"}
-    assert f"runs:/{run.info.run_id}/comparison/comparison.csv" in capsys.readouterr().out.replace("\n", "")
+    printed = capsys.readouterr().out.replace("\n", "")
+    assert f"runs:/{run.info.run_id}/comparison/comparison.csv" in printed
+    compared = unquote(printed.split("/#/compare-runs?runs=")[1].split("&")[0])  # MLflow's comparison page
+    assert json.loads(compared) == sorted(row["run_id"] for row in rows)
 
     again = compare(make_config("task=compare"))  # the compare run is not a train run: never compared itself
     assert [row["run_id"] for row in again] == [row["run_id"] for row in rows]

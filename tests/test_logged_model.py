@@ -73,6 +73,11 @@ def test_the_model_is_registered_and_models_uris_work(trained, tmp_path):
     (version,) = mlflow_client(store).search_model_versions("name = 'digits'")
     assert int(version.version) == 1 and version.run_id == run.info.run_id
     assert version.description.startswith("val_top1 ") and run.info.run_name in version.description
+    # the logged model's page links the version, as mlflow.register_model does
+    client = mlflow_client(store)
+    (model,) = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    links = json.loads(model.tags["mlflow.modelVersions"])
+    assert links == [{"name": "digits", "version": 1}]
     cfg = compose_config(["task=eval", *FAST, "ckpt=models:/digits/1"], store)
     assert evaluate_checkpoint(cfg)["val_top1"] == run.data.metrics["val_top1"]
 

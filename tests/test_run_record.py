@@ -3,8 +3,13 @@ that compare cleanly."""
 
 from __future__ import annotations
 
+import base64
+import json
+import zlib
+
 from framework.config import build
-from framework.tasks.common import run_name, run_params, run_tags
+from framework.tasks.common import run_params, run_tags
+from framework.tracking.naming import SWEPT_ENV, run_name, sweep_name
 from tests.conftest import all_runs, compose_config, mlflow_client
 
 
@@ -16,6 +21,17 @@ def test_run_name_is_the_model_and_the_changed_settings(tmp_path):
     assert run_name(cfg) == "nfnet_f0 lr=0.01235 batch=64 optimizer=adamw"
     assert run_name(cfg, "eval") == "eval nfnet_f0 lr=0.01235 batch=64 optimizer=adamw"
     assert run_name(compose_config(["tracking.run_name=mine"], tmp_path)) == "mine"
+
+
+def test_a_trial_is_named_by_what_its_sweep_varies(tmp_path, monkeypatch):
+    overrides = ["model=resnext_test", "engine.epochs=2", "scheduler.lr=0.05", "dataset.batch_size=32"]
+    cfg = compose_config(overrides, tmp_path)
+    monkeypatch.setenv(SWEPT_ENV, "scheduler.lr,dataset.batch_size")
+    assert run_name(cfg) == "resnext_test lr=0.05 batch=32"  # epochs=2, shared by all trials, is in the parent's
+    swept = ["scheduler.lr", "dataset.batch_size"]
+    assert sweep_name("resnext_test", [*overrides[:2], "scheduler.lr=0.1,0.05", "dataset.batch_size=16,32"], swept) == (
+        "sweep over lr, batch: resnext_test epochs=2"
+    )
 
 
 def test_names_stay_unique_in_an_experiment(tmp_path):
@@ -45,3 +61,22 @@ def test_params_are_hyper_parameters_only(tmp_path):
     assert not [k for k, v in params.items() if k.endswith("._target_") or v is None]
     assert not [k for k in params if k.split(".")[0] in ("paths", "tracking", "task", "run_dir", "ckpt", "resume")]
     assert "dataset.bad_image_log" not in params  # a file in the run's folder
+
+
+def test_the_experiment_gets_a_view_with_metric_columns_that_charts_every_run(tmp_path):
+    tracker = build(compose_config([], tmp_path), "tracking")
+    with tracker.start_run({}, run_name="a") as run:
+        pass
+    url = tracker.runs_view_url(run.run_id, "val_top1")
+    client = mlflow_client(tmp_path)
+    experiment_id = client.get_run(run.run_id).info.experiment_id
+    assert url == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?viewStateShareKey=training-runs"
+    envelope = json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.training-runs"])
+    assert envelope["name"] == "training runs" and envelope["state"].startswith("deflate;")
+    state = json.loads(zlib.decompress(base64.b64decode(envelope["state"][len("deflate;") :])))  # as the UI reads it
+    assert {"metrics.`val_top1`", "metrics.`best_val_top1`", "params.`scheduler.lr`"} <= set(state["selectedColumns"])
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+    # a view a person changed in the UI is theirs: the next run leaves it
+    client.set_experiment_tag(experiment_id, "mlflow.sharedViewState.training-runs", "edited")
+    tracker.runs_view_url(run.run_id, "val_loss")
+    assert client.get_experiment(experiment_id).tags["mlflow.sharedViewState.training-runs"] == "edited"

@@ -81,6 +81,18 @@ def test_grid_sweep_in_parallel_with_joblib(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["sweeper"] == "BasicSweeper"
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.data.tags["sweep_trial"] for c in children) == ["0", "1", "2", "3"]
+    # named by what the sweep varies; the parent by what its trials share, and how it was run
+    for c in children:
+        assert (
+            c.info.run_name
+            == f"#{c.data.tags['sweep_trial']} {c.data.params['model.name']} lr={c.data.params['scheduler.lr']}"
+        )
+    assert (
+        parent.info.run_name
+        == "sweep over model, lr: image_size=16 epochs=1 limit_train_batches=2 sweeps=grid_models_lr"
+    )
+    assert parent.data.tags["mlflow.note.content"].startswith("`python run.py -m hydra/launcher=joblib")
+    assert parent.data.tags["mlflow.source.name"] == "run.py" and parent.data.tags["mlflow.user"]
     combos = {(c.data.params["model.name"], c.data.params["scheduler.lr"]) for c in children}
     assert combos == {(m, lr) for m in ("resnext_test", "resnext50_32x4d") for lr in ("0.01", "0.05")}
     assert parent.data.metrics["trials_finished"] == 4 and parent.data.metrics["trials_failed"] == 0

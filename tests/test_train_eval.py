@@ -99,6 +99,9 @@ def test_eval_of_best_checkpoint_reproduces_logged_metric(trained, tmp_path):
     eval_runs = [r for r in all_runs(client) if r.data.tags.get("task") == "eval"]
     assert eval_runs and eval_runs[-1].data.tags["source_run_id"] == run_id
     assert eval_runs[-1].data.metrics["val_top1"] == best.value
+    # at the training update that wrote the checkpoint: on the training curves' step axis
+    (logged,) = client.get_metric_history(eval_runs[-1].info.run_id, "val_top1")
+    assert logged.step == best.step
 
 
 def test_eval_of_local_checkpoint_file(trained, tmp_path):

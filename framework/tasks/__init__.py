@@ -19,8 +19,9 @@ from framework.errors import user_error
 from framework.launch.slurm import slurm_gres, slurm_master_addr
 from framework.paths import PROJECT_ROOT, project_root, rank_dir_name
 from framework.runtime.signals import exit_status
-from framework.tasks.common import run_name, run_tags
+from framework.tasks.common import run_tags
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
+from framework.tracking.naming import run_name
 from framework.tracking.sweep import child_runs
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,8 @@ from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import NonNegative, Positive
 from framework.tasks import benchmark_timm
 from framework.tasks.benchmark_timm import images_per_second, peak_rss_mb, seconds_since_process_start
-from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_name, run_tags
+from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
+from framework.tracking.naming import run_name
 
 Measurement = Literal["data", "train_step", "eval", "hand_loop", "timm"]
 MEASUREMENTS = get_args(Measurement)

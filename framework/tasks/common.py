@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
-import shlex
-import subprocess
 from dataclasses import dataclass
 from importlib.metadata import distributions
 from pathlib import Path
@@ -23,8 +20,8 @@ from framework.engine.checkpoint import is_training_state, latest_training_state
 from framework.engine.trainer import TrainingState
 from framework.launch import Hardware
 from framework.models.registry import image_size_problems
-from framework.paths import PROJECT_ROOT
 from framework.tracking import MlflowRun, MlflowTracker
+from framework.tracking.naming import command_line, source_tags
 
 console = Console()
 
@@ -120,20 +117,9 @@ def print_config(cfg: DictConfig) -> None:
     console.print(tree)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
     """MLflow tags: task, model, dataset, hardware, command-line overrides and MindSpore version; MLflow's own
-    tags for what the run page shows: the entry point, the user, the git commit, and the command line as the
-    run's description."""
+    tags for what the run page shows (``source_tags``: the command line as the run's description)."""
     choices = group_choices()
     tags = {
         "task": task,
@@ -141,17 +127,11 @@ def run_tags(cfg: DictConfig, task: str) -> dict[str, str]:
         "dataset": choices.get("dataset", str(cfg.dataset._target_)),
         "hardware": choices.get("hardware", str(cfg.hardware.device_target)),
         "mindspore_version": ms.__version__,
-        "mlflow.source.name": "run.py",
-        "mlflow.source.type": "LOCAL",
-        "mlflow.user": getpass.getuser(),
-        "mlflow.note.content": f"`{command_line()}`",
+        **source_tags(command_line()),
     }
     swept = [o for o in overrides() if not o.startswith(("hydra.", "paths.", "tracking.local_store"))]
     if swept:
         tags["overrides"] = " ".join(swept)[:5000]
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     return tags
 
 
@@ -171,36 +151,6 @@ def derived_run_tags(tracker: MlflowTracker, tags: dict[str, str], source_run_id
     link = f"[{source.run_name}](#/experiments/{source.experiment_id}/runs/{source_run_id})"
     description = f"{tags['mlflow.note.content']}\n\nfrom the checkpoint of training run {link}"
     return {**tags, "mlflow.parentRunId": source_run_id, "mlflow.note.content": description}
-
-
-def command_line() -> str:
-    """The command that runs this job again: ``python run.py`` and its overrides, quoted for a shell."""
-    return " ".join(["python run.py", *(shlex.quote(o) for o in overrides())])
-
-
-# overrides a run's name leaves out: what names files, records and inputs rather than what is trained
-_NOT_IN_NAMES = ("hydra.", "paths.", "tracking.", "task=", "model=", "experiment=", "resume=", "ckpt=", "input=")
-
-
-def run_name(cfg: DictConfig, *words: str) -> str:
-    """``tracking.run_name`` when set; else ``words`` (the task's), the model, and the command line's overrides
-    of its config and experiment, shortened (``resnext50_32x4d lr=0.02 batch=64``): what tells sibling runs
-    apart in MLflow's run list, which cuts long names."""
-    if cfg.tracking.get("run_name"):
-        return str(cfg.tracking.run_name)
-    changed = [_short(o) for o in overrides() if not o.lstrip("+~").startswith(_NOT_IN_NAMES)]
-    return " ".join([*words, str(cfg.model.name), *changed])
-
-
-def _short(override: str) -> str:
-    """``scheduler.lr=0.0123456`` → ``lr=0.01235``: the key's last part, a number to 4 significant digits."""
-    key, _, value = override.lstrip("+~").partition("=")
-    key = {"batch_size": "batch"}.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1])
-    try:
-        number = float(value)
-    except ValueError:
-        return f"{key}={value}"
-    return f"{key}={value if value.lstrip('-').isdigit() else f'{number:.4g}'}"
 
 
 # Config keys that are no hyper-parameter: where a run's files and records go and what a task reads (the

@@ -193,6 +193,9 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
             "mlflow run": f"{run.run_name} ({run.run_id}) in experiment '{tracker.experiment_name}'",
             "mlflow ui": tracker.ui_command(),
             "run page": tracker.run_url(run.run_id) or "-",
+            "compare in mlflow": tracker.compare_url(
+                [row["run_id"] for row in rows], [r.info.experiment_id for r in runs]
+            ),
         },
     )
     return rows

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from framework.config import build
 from framework.engine import evaluate
+from framework.engine.checkpoint import MICRO_STEP
 from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks.common import (
     build_model,
@@ -19,9 +21,9 @@ from framework.tasks.common import (
     prepare,
     print_summary,
     resolve_checkpoint,
-    run_name,
     run_tags,
 )
+from framework.tracking.naming import run_name
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
@@ -38,7 +40,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     with stop_signals_interrupt(), tracker.start_run(tags, run_name=run_name(cfg, "eval")) as run:
         log_run_spec(run, cfg)
         metrics = {f"val_{k}": v for k, v in evaluate(network, data.loader("val")).items()}
-        run.log_metrics(metrics, step=int(meta.get("epoch", 0)))
+        run.log_metrics({**metrics, "epoch": meta.get("epoch", 0)}, step=training_update(meta))
     print_summary(
         "evaluation finished",
         {
@@ -50,3 +52,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         },
     )
     return metrics
+
+
+def training_update(meta: dict[str, Any]) -> int:
+    """The optimizer update at which the checkpoint was written: the step its training run logged its metrics
+    at, so the eval run's metrics line up with the training curves (0 for a checkpoint without a record)."""
+    if MICRO_STEP not in meta:
+        return 0
+    return int(meta[MICRO_STEP]) // int(meta.get("accumulation_steps", 1))

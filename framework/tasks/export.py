@@ -39,10 +39,10 @@ from framework.tasks.common import (
     prepare,
     print_summary,
     resolve_checkpoint,
-    run_name,
     run_tags,
 )
 from framework.tracking import MlflowRun
+from framework.tracking.naming import run_name
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 

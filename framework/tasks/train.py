@@ -31,7 +31,6 @@ from framework.runtime.world import World, is_msrun_process
 from framework.tasks.common import (
     Resume,
     build_model,
-    command_line,
     console,
     format_metrics,
     log_run_spec,
@@ -39,13 +38,13 @@ from framework.tasks.common import (
     print_summary,
     refuse_other_model,
     resolve_resume,
-    run_name,
     run_tags,
 )
 from framework.tasks.data_parallel import launch_data_parallel
 from framework.tasks.observers import PruneTrial, TrackRun, stop_tags
 from framework.tasks.pyfunc_model import save_pyfunc_model
 from framework.tracking import MlflowRun, MlflowTracker
+from framework.tracking.naming import command_line, run_name
 from framework.tracking.study import StudyTrial
 
 
@@ -114,7 +113,7 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
         print(f"rank {world.rank}: training finished, weights sha256 {checksum}")
         return result
     _write_result(run_dir, {"mlflow_run_id": run.run_id, **_result_record(result)})
-    _print_summary(result, run, tracker, checksum)
+    _print_summary(result, run, tracker, checksum, job.trainer.monitor)
     raise_unheeded_stop()
     return result
 
@@ -252,6 +251,7 @@ def _fit(
         "model": cfg.model.name,
         "num_classes": job.data.num_classes,
         "class_names": job.data.class_names,
+        "accumulation_steps": job.trainer.accumulation_steps,  # its updates: micro_step / accumulation_steps
         "mlflow_run_id": run.run_id if run is not None else None,
     }
     state = resume.state if resume is not None else None
@@ -346,7 +346,7 @@ def _result_record(result: FitResult) -> dict:
     }
 
 
-def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, checksum: str) -> None:
+def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, checksum: str, monitor: str) -> None:
     best = f"runs:/{run.run_id}/checkpoints/best.ckpt" if run.run_id else str(result.checkpoints.get("best"))
     rows = {
         "mlflow run": f"{run.run_name} ({run.run_id or 'not created: the server did not answer'}) "
@@ -368,6 +368,7 @@ def _print_summary(result: FitResult, run: MlflowRun, tracker: MlflowTracker, ch
             else "-",
             "mlflow ui": tracker.ui_command(),
             "run page": tracker.run_url(run.run_id) or "-",
+            "all runs": tracker.runs_view_url(run.run_id, monitor) or "-",
         }
     )
     print_summary("training finished", rows)

@@ -19,10 +19,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlflow.entities import (
     Dataset,
@@ -36,12 +37,14 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from requests.exceptions import RequestException
 
 from framework.config import ConfigError
 from framework.paths import unwritable
 from framework.runtime.environment import environment
 from framework.tracking.spool import Spool, record_micro_step
+from framework.tracking.views import TRAINING_VIEW_KEY, VIEW_TAG_PREFIX, training_view
 
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _METRIC_BATCH = 1000  # and at most 1000 metrics
@@ -118,8 +121,34 @@ class MlflowTracker:
                 experiment_id = self.client().get_run(run_id).info.experiment_id
         except (MlflowException, RequestException, OSError):
             return None
-        base = self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        return f"{self._ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+    def runs_view_url(self, run_id: str | None, monitor: str) -> str | None:
+        """The runs page of ``run_id``'s experiment in the view "training runs" (``views.training_view``), which
+        is added to the experiment first if it has none (a view a person edited stays as it is)."""
+        if run_id is None:
+            return None
+        key = VIEW_TAG_PREFIX + TRAINING_VIEW_KEY
+        try:
+            with _fail_fast():
+                client = self.client()
+                experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment.experiment_id, key, training_view(monitor))
+        except (MlflowException, RequestException, OSError):
+            return None
+        return f"{self._ui_base()}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={TRAINING_VIEW_KEY}"
+
+    def compare_url(self, run_ids: Sequence[str], experiment_ids: Sequence[str]) -> str:
+        """MLflow's own comparison page of ``run_ids`` (parallel coordinates, scatter, params side by side)."""
+        runs, experiments = (
+            quote(json.dumps(sorted(set(ids)), separators=(",", ":"))) for ids in (run_ids, experiment_ids)
+        )
+        return f"{self._ui_base()}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+    def _ui_base(self) -> str:
+        """Where the MLflow UI of this store is: the server, or ``ui_command``'s local address."""
+        return (self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000").rstrip("/")
 
     def experiment_id(self, client: MlflowClient, name: str | None = None) -> str:
         """Id of the experiment ``name`` (default ``experiment_name``), created if it does not exist."""
@@ -477,6 +506,10 @@ class MlflowRun:
         version = client.create_model_version(
             name, model.artifact_location, run_id, description=record["description"], model_id=model.model_id
         )
+        # the link the UI shows on the logged model's page ("Registered versions"), as mlflow.register_model sets
+        listed = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        listed.append({"name": name, "version": version.version})
+        client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
         print(f"registered model {name} version {version.version}: models:/{name}/{version.version}")
 
     def _create_run(self, record: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.config import ConfigError
 from framework.runtime.signals import STOP_SIGNALS, raise_interrupt
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV, MlflowTracker
+from framework.tracking.naming import SWEPT_ENV, command_line, source_tags, sweep_name
 from framework.tracking.study import describe_storage, is_optuna_sweep, plan_study
 
 
@@ -74,22 +75,27 @@ class SweepRun(Callback):
                 sampler=str(sweeper.sampler._target_).rsplit(".", 1)[-1],
                 pruner=str(sweeper.pruner._target_).rsplit(".", 1)[-1],
             )
+        self.swept_keys = swept_keys(config)
+        task_overrides = list(config.hydra.overrides.task)
+        own = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir", "hydra.run.dir"))]
+        tags.update(source_tags(command_line([*own, *task_overrides], multirun=True)))
         previous = self._previous_parent(tags) if study is not None else None
-        name = f"sweep-{sweeper.study_name if study else sweep_dir.name}"
+        name = sweep_name(str(config.model.name), task_overrides, self.swept_keys)
         parent = self.tracker.open_run(tags, run_id=previous, run_name=name)
         self.parent_id = parent.run_id
         parent.log_text(OmegaConf.to_yaml(sweeper), "sweep/sweeper.yaml")
         parent.log_text("\n".join(config.hydra.overrides.task) + "\n", "sweep/overrides.yaml")
         parent.log_text(OmegaConf.to_yaml({k: v for k, v in config.items() if k != "hydra"}), "sweep/config.yaml")
         parent.flush()
-        self.swept_keys = swept_keys(config)
         self.trial_offset = len(child_runs(parent.client, self.parent_id))
         os.environ[PARENT_RUN_ENV] = self.parent_id
+        os.environ[SWEPT_ENV] = ",".join(self.swept_keys)
         atexit.register(self._end, RunStatus.KILLED)  # the sweep stopped before on_multirun_end (Ctrl-C, crash)
         # MindSpore answers Ctrl-C by sending SIGTERM, which would end the process without atexit: make it an
         # interrupt while the sweep runs
         self.previous_handlers = {signum: signal.signal(signum, raise_interrupt) for signum in STOP_SIGNALS}
         print(f"sweep parent MLflow run {self.parent_id} in experiment '{self.tracker.experiment_name}'")
+        print(f"its run page: {self.tracker.run_url(self.parent_id)}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Export the trial number for the trial's run (here or in a joblib worker; msrun workers inherit it):
@@ -130,6 +136,7 @@ class SweepRun(Callback):
         parent_id, self.parent_id = self.parent_id, None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(TRIAL_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
