@@ -72,7 +72,7 @@ def test_a_command_line_that_composes_has_no_problem():
         ("+optimizer.momentun=0.5", r"unknown key 'optimizer.momentun'.*Did you mean 'optimizer.momentum'"),
         ("+engine.epoch=3", r"unknown key 'engine.epoch'.*Did you mean 'engine.epochs'"),
         ("dataset.batch_size=5000", r"dataset.batch_size=5000 is larger than the train split"),
-        ("+model.depth=3", r"unknown key 'model.depth': framework.models.create_model takes name, num_classes, "),
+        ("+model.depth=3", r"unknown key 'model.depth': framework.models.create_model takes name, pretrained, pretrained_head, num_classes, "),
         ("+model.drop_rte=0.1", r"unknown key 'model.drop_rte'.*Did you mean 'model.drop_rate'"),
         ("model.drop_rate=abc", r"model.drop_rate='abc' has the wrong type: expected a number"),
         ("seed=-1", r"seed must be in \[0, 4294967296\), got -1"),

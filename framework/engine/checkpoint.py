@@ -17,7 +17,8 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 
-META_KEY = "framework_meta"
+from framework.models.pretrained import META_KEY
+
 CHECKSUM_KEY = "weights_sha256"  # in the metadata: SHA-256 of the weights saved with it
 # In the metadata: micro-batches trained when the file was written (the optimizer has made micro_step /
 # accumulation_steps updates). Files written before this name call it "global_step"; they are read the same.

@@ -10,6 +10,7 @@ classifier at ``head.fc``.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import mindspore.nn as nn
 from mindspore import Tensor
@@ -51,21 +52,23 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1
     )  # fmt: skip
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.9)
+def _bn(channels: int, eps: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
 
 
 class DepthwiseSeparable(nn.Cell):
     """Depthwise conv → SE → pointwise conv (the first stage, expansion 1)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, drop_path_rate: float) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int, drop_path_rate: float, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.conv_dw = _conv(in_ch, in_ch, kernel, stride, groups=in_ch)
-        self.bn1 = _bn(in_ch)
+        self.bn1 = _bn(in_ch, bn_eps)
         self.act = nn.SiLU()
         self.se = SqueezeExcite(in_ch, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)
         self.conv_pw = _conv(in_ch, out_ch, 1)
-        self.bn2 = _bn(out_ch)
+        self.bn2 = _bn(out_ch, bn_eps)
         self.has_skip = stride == 1 and in_ch == out_ch
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
@@ -79,18 +82,25 @@ class InvertedResidual(nn.Cell):
     """MBConv: 1×1 expand → depthwise k×k → SE → 1×1 linear projection, residual when shapes allow."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel: int, stride: int, expansion: int, drop_path_rate: float
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        stride: int,
+        expansion: int,
+        drop_path_rate: float,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         mid = in_ch * expansion
         self.conv_pw = _conv(in_ch, mid, 1)
-        self.bn1 = _bn(mid)
+        self.bn1 = _bn(mid, bn_eps)
         self.conv_dw = _conv(mid, mid, kernel, stride, groups=mid)
-        self.bn2 = _bn(mid)
+        self.bn2 = _bn(mid, bn_eps)
         self.act = nn.SiLU()
         self.se = SqueezeExcite(mid, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)
         self.conv_pwl = _conv(mid, out_ch, 1)
-        self.bn3 = _bn(out_ch)
+        self.bn3 = _bn(out_ch, bn_eps)
         self.has_skip = stride == 1 and in_ch == out_ch
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
@@ -101,10 +111,39 @@ class InvertedResidual(nn.Cell):
         return x + self.drop_path(out) if self.has_skip else out
 
 
+# mindcv's block.N positions → our layer names (the activations hold positions 2 and 5)
+_MINDCV_FIRST_STAGE = {"0": "conv_dw", "1": "bn1", "3": "se", "4": "conv_pw", "5": "bn2"}
+_MINDCV_BLOCK = {"0": "conv_pw", "1": "bn1", "3": "conv_dw", "4": "bn2", "6": "se", "7": "conv_pwl", "8": "bn3"}
+
+
 class EfficientNet(nn.Cell):
     """Stem → seven MBConv stages → 1×1 head conv → pooled classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # names of its twins' tensors → ours (model.pretrained; norm tensors are renamed by framework.models.pretrained)
+    # mindcv keeps torchvision's layout: features.0/1 stem conv/bn, features.3-9 the stages (layers by position
+    # in block.N), features.10/11 head conv/bn, mlp_head the classifier
+    weight_names: ClassVar = {
+        "torch": ((r"^classifier\.", "head.fc."),),
+        "mindcv": (
+            (r"^features\.0\.", "conv_stem."),
+            (r"^features\.1\.", "bn1."),
+            (r"^features\.10\.", "conv_head."),
+            (r"^features\.11\.", "bn2."),
+            (r"^features\.3\.(\d+)\.block\.(\d)\.", lambda m: f"blocks.0.{m[1]}.{_MINDCV_FIRST_STAGE[m[2]]}."),
+            (
+                r"^features\.([4-9])\.(\d+)\.block\.(\d)\.",
+                lambda m: f"blocks.{int(m[1]) - 3}.{m[2]}.{_MINDCV_BLOCK[m[3]]}.",
+            ),
+            (r"^mlp_head\.", "head.fc."),
+        ),
+    }
+    # mindcv's (torchvision's) B5-B7 were trained with BatchNorm eps 1e-3 (the TensorFlow originals' value)
+    pretrained_settings: ClassVar = {
+        "mindcv": lambda name: (
+            {"bn_eps": 1e-3} if name in ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7") else {}
+        )
+    }
 
     def __init__(
         self,
@@ -114,11 +153,12 @@ class EfficientNet(nn.Cell):
         in_channels: int = 3,
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.2,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         stem_ch = make_divisible(32 * width_mult)
         self.conv_stem = _conv(in_channels, stem_ch, 3, stride=2)
-        self.bn1 = _bn(stem_ch)
+        self.bn1 = _bn(stem_ch, bn_eps)
         self.act = nn.SiLU()
         repeats = [math.ceil(stage[1] * depth_mult) for stage in B0_STAGES]
         total_blocks, block_idx, in_ch = sum(repeats), 0, stem_ch
@@ -130,16 +170,16 @@ class EfficientNet(nn.Cell):
                 rate = drop_path_rate * block_idx / total_blocks
                 block_stride = stride if i == 0 else 1
                 if kind == "ds":
-                    blocks.append(DepthwiseSeparable(in_ch, out_ch, kernel, block_stride, rate))
+                    blocks.append(DepthwiseSeparable(in_ch, out_ch, kernel, block_stride, rate, bn_eps))
                 else:
-                    blocks.append(InvertedResidual(in_ch, out_ch, kernel, block_stride, expansion, rate))
+                    blocks.append(InvertedResidual(in_ch, out_ch, kernel, block_stride, expansion, rate, bn_eps))
                 in_ch = out_ch
                 block_idx += 1
             stages.append(nn.SequentialCell(blocks))
         self.blocks = nn.SequentialCell(stages)
         self.num_features = make_divisible(1280 * width_mult)
         self.conv_head = _conv(in_ch, self.num_features, 1)
-        self.bn2 = _bn(self.num_features)
+        self.bn2 = _bn(self.num_features, bn_eps)
         init_range = 1.0 / math.sqrt(num_classes)
         self.head = ClassifierHead(
             self.num_features, num_classes, drop_rate, weight_init=Uniform(init_range), bias_init="zeros"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Tensor
@@ -44,21 +46,33 @@ class StemMaxPool(nn.Cell):
     which MindSpore 2.8's ONNX exporter refuses. The zero border is concatenated: MindSpore's CPU ``Pad``
     kernel made this layer ~5 % of ResNeXt-50's step, concatenation a quarter of that. Export sets
     ``concat_border = False`` (``tasks.export.exportable``): the traced concatenation would fix the batch size.
+
+    ``padding="same"`` pads as TensorFlow and MindSpore's ``pad_mode="same"`` do (mindcv's ResNets): an even side
+    gets its one pixel after the map only, which shifts the pooling windows by one pixel.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, padding: Literal["symmetric", "same"] = "symmetric") -> None:
         super().__init__()
         self.concat_border = True
+        self.padding = padding
         self.pad = ops.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
 
     def construct(self, x: Tensor) -> Tensor:
+        (top, bottom), (left, right) = self._pads(x.shape[2]), self._pads(x.shape[3])
         if not self.concat_border:
-            return self.pool(self.pad(x))
+            pad = self.pad if self.padding == "symmetric" else ops.Pad(((0, 0), (0, 0), (top, bottom), (left, right)))
+            return self.pool(pad(x))
         rows = ops.zeros_like(x[:, :, :1, :])
-        x = ops.concat((rows, x, rows), 2)
+        x = ops.concat((rows,) * top + (x,) + (rows,) * bottom, 2)
         columns = ops.zeros_like(x[:, :, :, :1])
-        return self.pool(ops.concat((columns, x, columns), 3))
+        return self.pool(ops.concat((columns,) * left + (x,) + (columns,) * right, 3))
+
+    def _pads(self, size: int) -> tuple[int, int]:
+        """(before, after) padding of a side of ``size`` pixels."""
+        if self.padding == "symmetric" or size % 2:
+            return 1, 1
+        return 0, 1
 
 
 class SqueezeExcite(nn.Cell):

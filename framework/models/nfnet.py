@@ -14,6 +14,7 @@ convs are ``attn_last.conv_reduce/conv_expand`` (timm: ``attn_last.fc1/fc2``) an
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import mindspore.nn as nn
 import mindspore.ops as ops
@@ -150,6 +151,13 @@ class NFNet(nn.Cell):
     """Four-conv "deep quad" stem (stride 4), four stages of NF blocks, 1×1 final conv, pooled classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # names of timm dm_nfnet_f0's tensors → ours (model.pretrained)
+    weight_names: ClassVar = {
+        "torch": (
+            (r"\.attn_last\.fc1\.", ".attn_last.conv_reduce."),
+            (r"\.attn_last\.fc2\.", ".attn_last.conv_expand."),
+        )
+    }
 
     def __init__(
         self,

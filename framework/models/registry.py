@@ -7,9 +7,12 @@ import inspect
 import textwrap
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mindspore.nn as nn
+
+from framework.models.pretrained import HeadPolicy, WeightsFile, load_pretrained, read_weights
 
 _MODELS: dict[str, Callable[..., nn.Cell]] = {}
 _SETTABLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -34,9 +37,31 @@ def _builder(name: str) -> Callable[..., nn.Cell]:
     return _MODELS[name]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Cell:
-    """Build a registered model, e.g. ``create_model('resnext50_32x4d', num_classes=10)``."""
-    return _builder(name)(**kwargs)
+def create_model(
+    name: str, pretrained: str | Path | None = None, pretrained_head: HeadPolicy = "auto", **kwargs: Any
+) -> nn.Cell:
+    """Build a registered model, e.g. ``create_model('resnext50_32x4d', num_classes=10)``; ``pretrained``: a
+    weights file to start from (this project's checkpoint, timm/torch ``.safetensors``/``.pth``, a mindcv
+    ``.ckpt``), its classifier re-initialised by ``pretrained_head`` (see ``load_pretrained``). What was loaded
+    is in the model's ``pretrained_report``."""
+    if pretrained is None:
+        return _builder(name)(**kwargs)
+    weights = read_weights(pretrained)
+    variant = {key: value for key, value in weights_variant(name, weights).items() if key not in kwargs}
+    network = _builder(name)(**variant, **kwargs)
+    network.pretrained_report = load_pretrained(network, weights, pretrained_head)
+    network.pretrained_report.variant = variant
+    return network
+
+
+def weights_variant(name: str, weights: WeightsFile) -> dict[str, Any]:
+    """The model settings ``weights`` were trained with where the family differs from its twin's (mindcv's
+    ResNeXt pools with "same" padding): the model is built so, unless the caller sets them. A checkpoint of this
+    project records the settings it was written with (``model_settings``)."""
+    if weights.source == "framework":
+        return dict(weights.meta.get("model_settings") or {})
+    settings = getattr(model_class(name), "pretrained_settings", {}).get(weights.source)  # per model name
+    return settings(name) if settings is not None else {}
 
 
 def _fixed_by(builder: Callable[..., nn.Cell]) -> set[str]:
@@ -69,12 +94,17 @@ def image_size_problems(name: str, size: int) -> tuple[str | None, str | None]:
 
 
 def model_schema(name: str) -> Callable[..., Any]:
-    """A signature-only function standing for ``create_model(name, ...)``: ``name`` and the model class's
-    keyword parameters with defaults, less those the builder sets itself."""
+    """A signature-only function standing for ``create_model(name, ...)``: ``name``, the starting weights
+    (``pretrained``, ``pretrained_head``) and the model class's keyword parameters with defaults, less those the
+    builder sets itself."""
     cls, fixed = model_class(name), _fixed_by(_builder(name))
     hints = typing.get_type_hints(cls.__init__)
     hints["num_classes"] = int | None  # null: the dataset's class count (tasks.common.build_model)
-    params = [inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=str)]
+    creation, creation_hints = inspect.signature(create_model).parameters, typing.get_type_hints(create_model)
+    params = [
+        creation[key].replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=creation_hints[key])
+        for key in ("name", "pretrained", "pretrained_head")
+    ]
     for param in inspect.signature(cls.__init__).parameters.values():
         if param.kind in _SETTABLE and param.default is not inspect.Parameter.empty and param.name not in fixed:
             params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(param.name, Any)))

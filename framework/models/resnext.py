@@ -9,6 +9,8 @@ timm, torchvision and the MindSpore ResNeXt50 recipe). Parameter names follow ti
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import HeNormal
@@ -77,6 +79,12 @@ class ResNeXt(nn.Cell):
     """7×7 stem + max-pool, four stages of bottlenecks, global-pool classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # names of its twins' tensors → ours (model.pretrained; norm tensors are renamed by framework.models.pretrained)
+    weight_names: ClassVar = {
+        "torch": ((r"^fc\.", "head.fc."),),
+        "mindcv": ((r"^classifier\.", "head.fc."), (r"\.down_sample\.", ".downsample.")),
+    }
+    pretrained_settings: ClassVar = {"mindcv": lambda name: {"stem_pool": "same"}}  # as its weights were trained
 
     def __init__(
         self,
@@ -90,12 +98,13 @@ class ResNeXt(nn.Cell):
         zero_init_last: bool = True,
         stem_width: int = 64,
         widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        stem_pool: Literal["symmetric", "same"] = "symmetric",
     ) -> None:
         super().__init__()
         self.conv1 = _conv(in_channels, stem_width, 7, stride=2)
         self.bn1 = _bn(stem_width)
         self.relu = nn.ReLU()
-        self.maxpool = StemMaxPool()
+        self.maxpool = StemMaxPool(stem_pool)
         rates, block_idx, in_ch = linear_drop_path_rates(drop_path_rate, sum(layers)), 0, stem_width
         stages = []
         for stage_idx, (depth, planes) in enumerate(zip(layers, widths, strict=True)):

@@ -19,7 +19,8 @@ from framework.config import ConfigError, build, check_config, flatten, group_ch
 from framework.engine.checkpoint import is_training_state, latest_training_state, load_checkpoint, read_checkpoint
 from framework.engine.trainer import TrainingState
 from framework.launch import Hardware
-from framework.models.registry import image_size_problems
+from framework.models.pretrained import PretrainedError, load_pretrained, read_weights
+from framework.models.registry import image_size_problems, weights_variant
 from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.naming import command_line, source_tags
 
@@ -39,8 +40,10 @@ def prepare(cfg: DictConfig) -> Hardware:
     return hardware
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> Any:
+def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = False, settings: dict | None = None) -> Any:
     """``cfg.model`` with a head for the dataset's ``num_classes``; ``model.num_classes: null`` takes that count.
+    ``pretrained``: start from ``model.pretrained`` when set (training; the other tasks load their checkpoint,
+    built with the ``settings`` it records, see ``registry.weights_variant``).
 
     An image size the model cannot run on is refused; one it runs on poorly gets a warning."""
     configured = cfg.model.get("num_classes")
@@ -61,7 +64,25 @@ def build_model(cfg: DictConfig, num_classes: int) -> Any:
             raise ConfigError(f"{key}={size}: {cfg.model.name} {error}. Fix: {key}=<such a size>")
         if warning:
             console.print(f"[yellow]warning: {key}={size}: {cfg.model.name} {warning}", highlight=False, soft_wrap=True)
-    return build(cfg, "model", num_classes=num_classes)
+    source = cfg.model.get("pretrained") if pretrained else None
+    if not source:
+        return build(cfg, "model", num_classes=num_classes, pretrained=None, **(settings or {}))
+    try:  # as create_model(pretrained=...) does, each refusal as one line naming model.pretrained
+        weights = read_weights(pretrained_file(cfg, str(source)))
+        variant = weights_variant(str(cfg.model.name), weights)
+        network = build(cfg, "model", num_classes=num_classes, pretrained=None, **variant)
+        network.pretrained_report = load_pretrained(network, weights, cfg.model.get("pretrained_head", "auto"))
+    except PretrainedError as err:
+        raise ConfigError(f"model.pretrained={source}: {err}") from err
+    network.pretrained_report.variant = variant
+    console.print(f"model.pretrained: {network.pretrained_report.line()}", highlight=False, soft_wrap=True)
+    return network
+
+
+def pretrained_file(cfg: DictConfig, source: str) -> Path:
+    """The local weights file ``model.pretrained`` names (a ``runs:/`` or ``models:/`` URI is fetched)."""
+    download_dir = Path(cfg.paths.run_dir) / "pretrained"
+    return resolve_checkpoint(source, build(cfg, "tracking"), download_dir, key="model.pretrained")[0]
 
 
 def checkpoint_meta(cfg: DictConfig, checkpoint: Path, key: str = "ckpt") -> dict[str, Any]:
@@ -102,7 +123,7 @@ def load_trained_network(cfg: DictConfig, checkpoint: Path) -> tuple[Any, dict[s
     """
     meta = checkpoint_meta(cfg, checkpoint)
     num_classes = meta.get("num_classes") or cfg.model.get("num_classes") or cfg.dataset.num_classes
-    network = build_model(cfg, int(num_classes))
+    network = build_model(cfg, int(num_classes), settings=meta.get("model_settings"))
     load_weights(cfg, checkpoint, network)
     network.set_train(False)
     return network, meta

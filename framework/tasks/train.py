@@ -130,7 +130,7 @@ def _build_job(cfg: DictConfig, world: World) -> Job:
             highlight=False,
             soft_wrap=True,
         )
-    network = build_model(cfg, data.num_classes)
+    network = build_model(cfg, data.num_classes, pretrained=True)
     loss_fn = build(cfg, "loss")
     trainer = build(cfg, "engine")
     updates_per_epoch = trainer.updates_per_epoch(data.steps_per_epoch(world.size))
@@ -222,6 +222,10 @@ def _log_start(cfg: DictConfig, run: MlflowRun, job: Job, world: World, resume: 
     run.log_text(json.dumps(fingerprint, indent=1), "data/fingerprint.json")
     run.set_tags({"data_train_sha256": str(fingerprint["train_sha256"])[:16]})
     _log_datasets(run, job.data, fingerprint, counts)
+    report = getattr(job.prepared.network, "pretrained_report", None)
+    if report is not None:  # what the run started from: the weights as given, and what loading them did
+        run.set_tags({"pretrained": str(cfg.model.pretrained), "pretrained_load": report.line()})
+        run.log_text(report.line() + "\n", "model/pretrained.txt")
     title = f"{cfg.scheduler._target_.rsplit('.', 1)[-1]} schedule, {len(job.schedule)} updates"
     run.log_figure(plot_schedule(job.schedule, job.updates_per_epoch, title), "lr_schedule.png")
 
@@ -252,6 +256,8 @@ def _fit(
         "num_classes": job.data.num_classes,
         "class_names": job.data.class_names,
         "accumulation_steps": job.trainer.accumulation_steps,  # its updates: micro_step / accumulation_steps
+        # the model settings its starting weights came with (registry.weights_variant), which loads apply
+        "model_settings": getattr(getattr(job.prepared.network, "pretrained_report", None), "variant", {}),
         "mlflow_run_id": run.run_id if run is not None else None,
     }
     state = resume.state if resume is not None else None
