@@ -275,6 +275,39 @@ def test_val_classes_must_exist_in_train(tmp_path, tree):
         scan_split(root / "val", ["class_000", "class_001"])
 
 
+def test_a_class_subset_of_digits_is_relabelled_in_the_order_given(tmp_path):
+    cfg = compose_config([TEST_MODEL, "dataset.classes=[9,5,7]"], tmp_path)
+    assert cfg.dataset.num_classes == 3 and cfg.model.num_classes == 3  # the model's head follows
+    data, full = build(cfg, "dataset"), build(compose_config([TEST_MODEL], tmp_path), "dataset")
+    assert data.class_names == ["9", "5", "7"]
+    for split in ("train", "val"):  # the same images as in the full split, label 9 → 0, 5 → 1, 7 → 2
+        source, whole = data.sources[split], full.sources[split]
+        for label, digit in enumerate((9, 5, 7)):
+            assert np.array_equal(source.images[source.labels == label], whole.images[whole.labels == digit])
+        assert set(source.labels.tolist()) == {0, 1, 2}
+
+
+def test_a_class_subset_of_folders(tmp_path, tree):
+    data = build(folder_config(tmp_path, tree, "dataset.classes=[class_002,class_000]"), "dataset")
+    assert data.class_names == ["class_002", "class_000"] and data.num_classes == 2
+    assert data.num_samples("train") == 2 * TRAIN_PER_CLASS and data.num_samples("val") == 2 * VAL_PER_CLASS
+    for split in ("train", "val"):
+        source = data.sources[split]
+        assert all(f"/class_00{2 if y == 0 else 0}/" in f for f, y in zip(source.files, source.labels, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ("[3,11]", r"dataset.classes=\['3', '11'\]: no class '11' in digits \(its classes: 0, 1, 2, .*9\)"),
+        ("[3,3]", r"dataset.classes=\['3', '3'\]: must name distinct classes of digits"),
+    ],
+)
+def test_a_class_subset_naming_no_class_is_one_line(tmp_path, classes, message):
+    with pytest.raises(ConfigError, match=message):
+        build(compose_config([TEST_MODEL, f"dataset.classes={classes}"], tmp_path), "dataset")
+
+
 def test_num_classes_is_checked_against_the_folders(tmp_path, tree):
     with pytest.raises(ConfigError, match="dataset.num_classes=1000 but .* has 3 class folders"):
         build(folder_config(tmp_path, tree, "dataset.num_classes=1000"), "dataset")

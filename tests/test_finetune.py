@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mindspore as ms
+import numpy as np
 import pytest
 
 from framework.config import ConfigError
@@ -94,3 +95,28 @@ def test_weights_that_cannot_start_the_model_are_one_line_and_exit_2(tmp_path, g
 def test_convert_needs_weights(tmp_path):
     with pytest.raises(ConfigError, match="task=convert needs the weights to convert: model.pretrained="):
         convert(compose_config(["task=convert"], tmp_path))
+
+
+def test_a_frozen_backbone_and_its_batchnorm_stay_as_loaded_until_unfrozen(tmp_path):
+    """Head-only training for epoch 1 (optimizer.freeze every non-head tensor, engine.freeze_bn_stats), the
+    whole network from epoch 2 (optimizer.unfreeze_epoch=1): epoch 1's checkpoint holds the loaded backbone and
+    BatchNorm statistics exactly, epoch 2's a trained backbone with the statistics still as loaded."""
+    train(compose_config(ONE_EPOCH, tmp_path / "source"))
+    source = next((tmp_path / "source").rglob("best.ckpt"))
+    overrides = [*ONE_EPOCH, "engine.epochs=2", f"model.pretrained={source}", "optimizer.freeze=['^(?!head[.])']",
+                 "optimizer.unfreeze_epoch=1", "engine.freeze_bn_stats=true", "engine.checkpoint_every_n_epochs=1",
+                 "engine.keep_checkpoint_max=2"]  # fmt: skip
+    train(compose_config(overrides, tmp_path / "tuned"))
+    loaded = read_checkpoint(source)[0]
+    after_1 = read_checkpoint(next((tmp_path / "tuned").rglob("epoch_0001.ckpt")))[0]
+    after_2 = read_checkpoint(next((tmp_path / "tuned").rglob("epoch_0002.ckpt")))[0]
+
+    def same(state, name: str) -> bool:
+        return np.array_equal(state[name].asnumpy(), loaded[name].asnumpy())
+
+    backbone = [n for n in loaded if not n.startswith("head.")]
+    statistics = [n for n in backbone if n.endswith(("moving_mean", "moving_variance"))]
+    weights = [n for n in backbone if n not in statistics]
+    assert statistics and all(same(after_1, n) for n in backbone)
+    assert not same(after_1, "head.fc.weight")
+    assert all(same(after_2, n) for n in statistics) and not any(same(after_2, n) for n in weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mindspore as ms
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from framework.config import ConfigError, build, check_config
 from framework.optim.optimizers import AGCMomentum, create_optimizer
+from framework.optim.schedules import UpdateLr
 
 OPTIMIZER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "optimizer").glob("*.yaml"))
 
@@ -252,3 +254,62 @@ def test_bad_value_through_build_names_the_config_key():
     cfg.optimizer.weight_decay = -1.0
     with pytest.raises(ConfigError, match=r"optimizer.weight_decay must be >= 0"):
         build(cfg, "optimizer", params=make_params(), learning_rate=0.1)
+
+
+def _updated_by_one_step(optimizer, params) -> dict[str, float]:
+    """How far one step with unit gradients moves each parameter (mean absolute change)."""
+    before = {p.name: p.asnumpy().copy() for p in params}
+    optimizer(tuple(ms.Tensor(np.ones(p.shape, np.float32)) for p in params))
+    return {p.name: float(np.abs(p.asnumpy() - before[p.name]).mean()) for p in params}
+
+
+@pytest.fixture
+def resnext_params():
+    from framework.models import create_model
+    from framework.models.registry import parameter_depth
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    network = create_model("resnext_test", num_classes=10)
+    return network.trainable_params(), parameter_depth(network)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_layer_decay_and_head_scale_set_each_layers_lr(resnext_params, name):
+    """lr of layer i of L = lr × decay^(L - i), the head's × head_lr_scale: with equal gradients each step is
+    proportional to its lr (SGD: lr × gradient; AdamW's first step: lr × a constant)."""
+    params, depth = resnext_params
+    optimizer = create_optimizer(params, UpdateLr(0.1), name=name, momentum=0.0, weight_decay=0.0,
+                                 layer_decay=0.5, head_lr_scale=3.0, depth=depth)  # fmt: skip
+    moved = _updated_by_one_step(optimizer, params)
+    last = depth["head.fc.weight"][1]
+    unit = moved["head.fc.weight"] / (0.1 * 3.0)  # the step per unit of lr
+    assert name != "sgd" or unit == pytest.approx(1.0, rel=1e-4)
+    for param in params:
+        layer = depth[param.name][0]
+        expected = 0.1 * 0.5 ** (last - layer) * (3.0 if layer == last else 1.0)
+        assert moved[param.name] == pytest.approx(expected * unit, rel=1e-3), param.name
+    assert depth["conv1.weight"][0] == 0 and depth["head.fc.bias"] == (last, last)
+
+
+def test_frozen_parameters_learn_nothing_until_their_epoch(resnext_params):
+    params, depth = resnext_params
+    optimizer = create_optimizer(params, UpdateLr(0.1), name="momentum", weight_decay=0.05,
+                                 freeze=[r"^layer1\.", r"^conv1\."], unfreeze_epoch=1, depth=depth)  # fmt: skip
+    frozen = [p.name for p in params if p.name.startswith(("layer1.", "conv1."))]
+    optimizer.lr_groups.start_epoch(1)
+    moved = _updated_by_one_step(optimizer, params)
+    assert all(moved[name] == 0.0 for name in frozen)  # not even weight decay
+    assert all(moved[p.name] > 0 for p in params if p.name not in frozen)
+    optimizer.lr_groups.start_epoch(2)
+    moved = _updated_by_one_step(optimizer, params)
+    assert all(moved[name] > 0 for name in frozen)
+
+
+@pytest.mark.parametrize(
+    ("freeze", "message"),
+    [(["^nope"], "optimizer.freeze: '^nope' matches no trainable parameter"), (["("], "is no regular expression")],
+)
+def test_a_freeze_pattern_that_matches_nothing_is_refused(resnext_params, freeze, message):
+    params, depth = resnext_params
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_optimizer(params, UpdateLr(0.1), name="sgd", freeze=freeze, depth=depth)

@@ -8,14 +8,14 @@ the same pipeline (transforms, mixup, sharding) as an ImageNet folder.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from framework.data.pipeline import ImageData
-from framework.schema import OpenFraction
+from framework.data.pipeline import ClassList, ImageData, class_subset
+from framework.schema import OpenFraction, Positive
 
 
 class ArraySource:
@@ -39,7 +39,12 @@ class DigitsData(ImageData):
     """The digits set: ``val_fraction`` of it, stratified by class with ``split_seed``, is the val split."""
 
     def __init__(
-        self, val_fraction: Annotated[float, OpenFraction], split_seed: int, num_classes: Literal[10] = 10, **pipeline
+        self,
+        val_fraction: Annotated[float, OpenFraction],
+        split_seed: int,
+        num_classes: Annotated[int, Positive] = 10,
+        classes: ClassList = None,
+        **pipeline,
     ) -> None:
         super().__init__(**pipeline)
         digits = load_digits()
@@ -48,8 +53,16 @@ class DigitsData(ImageData):
         images = np.ascontiguousarray(np.repeat(images[..., None], 3, axis=-1))
         train_x, val_x, train_y, val_y = train_test_split(
             images, digits.target, test_size=val_fraction, stratify=digits.target, random_state=split_seed
-        )
-        self.sources = {"train": ArraySource(train_x, train_y), "val": ArraySource(val_x, val_y)}
-        self.class_names = [str(i) for i in range(10)]
+        )  # the same split with or without a class subset: a subset's images are the same in either
+        self.class_names, new_labels = class_subset([str(i) for i in range(10)], classes, "digits")
+        if num_classes != len(self.class_names):
+            kept = f"dataset.classes keeps {len(self.class_names)}" if classes is not None else "digits has 10"
+            raise ValueError(
+                f"dataset.num_classes={num_classes} but {kept}. Fix: dataset.num_classes={len(self.class_names)}"
+            )
+        self.sources = {
+            split: ArraySource(x[new_labels[y] >= 0], new_labels[y][new_labels[y] >= 0])
+            for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y))
+        }
         self.name = "digits"
         self.locations = {split: "sklearn.datasets.load_digits" for split in self.sources}

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import numpy as np
 from PIL import Image
 
-from framework.data.pipeline import ImageData
+from framework.data.pipeline import ClassList, ImageData, class_subset
 from framework.errors import UserError
 from framework.schema import Positive
 
@@ -135,6 +135,7 @@ class ImageFolderData(ImageData):
         num_classes: Annotated[int, Positive] | None = None,
         on_bad_image: Literal["skip", "error"] = "skip",
         bad_image_log: str | None = None,
+        classes: ClassList = None,
         **pipeline,
     ) -> None:
         super().__init__(**pipeline)
@@ -145,16 +146,23 @@ class ImageFolderData(ImageData):
                 "each with one sub-folder of images per class (ImageNet layout)"
             )
         self.bad_image_log = Path(bad_image_log) if bad_image_log else None
-        self.class_names, train_files, train_labels = scan_split(root / train_dir)
-        _, val_files, val_labels = scan_split(root / val_dir, self.class_names)
+        folders, train_files, train_labels = scan_split(root / train_dir)
+        _, val_files, val_labels = scan_split(root / val_dir, folders)
+        self.class_names, new_labels = class_subset(folders, classes, str(root / train_dir))
         if num_classes is not None and num_classes != len(self.class_names):
+            kept = "dataset.classes keeps" if classes is not None else f"{root / train_dir} has"
             raise ValueError(
-                f"dataset.num_classes={num_classes} but {root / train_dir} has {len(self.class_names)} class "
-                "folders. Fix dataset.num_classes (or null to take the folder count) or the dataset"
+                f"dataset.num_classes={num_classes} but {kept} {len(self.class_names)} class folders. Fix "
+                "dataset.num_classes (or null to take the folder count) or the dataset"
             )
         self.sources = {
-            "train": FolderSource(train_files, train_labels, on_bad_image, self.bad_image_log),
-            "val": FolderSource(val_files, val_labels, on_bad_image, self.bad_image_log),
+            split: FolderSource(
+                [f for f, keep in zip(files, new_labels[labels] >= 0, strict=True) if keep],
+                new_labels[labels][new_labels[labels] >= 0],
+                on_bad_image,
+                self.bad_image_log,
+            )
+            for split, files, labels in (("train", train_files, train_labels), ("val", val_files, val_labels))
         }
         self.name = root.resolve().name
         self.locations = {"train": str((root / train_dir).resolve()), "val": str((root / val_dir).resolve())}

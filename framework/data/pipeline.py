@@ -27,6 +27,32 @@ SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
 
 
+ClassList = list[str | int] | None  # dataset.classes: class names to keep, in their new label order
+
+
+def class_subset(class_names: list[str], classes: ClassList, dataset: str) -> tuple[list[str], np.ndarray]:
+    """The classes ``classes`` keeps, in the order given (their new labels 0..k-1), and for every old label its
+    new one (-1: left out); all of ``class_names`` when ``classes`` is None. An unknown or repeated name is a
+    ValueError naming ``dataset``'s classes."""
+    if classes is None:
+        return list(class_names), np.arange(len(class_names))
+    kept = [str(name) for name in classes]
+    unknown = [name for name in kept if name not in class_names]
+    if unknown or len(set(kept)) != len(kept) or not kept:
+        problem = f"no class {unknown[0]!r} in" if unknown else "must name distinct classes of"
+        shown = ", ".join(class_names[:12]) + (" ..." if len(class_names) > 12 else "")
+        raise ValueError(f"dataset.classes={kept}: {problem} {dataset} (its classes: {shown})")
+    new_labels = np.full(len(class_names), -1, dtype=np.int32)
+    for label, name in enumerate(kept):
+        new_labels[class_names.index(name)] = label
+    return kept, new_labels
+
+
+def class_count(classes: ClassList, default: int) -> int:
+    """``${class_count:${dataset.classes},10}``: how many classes a dataset with that subset has."""
+    return len(classes) if classes else default
+
+
 class ImageSource(Protocol):
     labels: np.ndarray  # the label of every item, in order
 

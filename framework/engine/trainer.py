@@ -35,7 +35,7 @@ from framework.engine.losses import HeadsLoss
 from framework.engine.observers import EarlyStopping, Observer, Stop
 from framework.engine.step import EMA, AmpLevel, LossScale, TrainStep, apply_amp, make_loss_scaler
 from framework.errors import UserError
-from framework.optim.schedules import Schedule, UpdateLr
+from framework.optim.schedules import LrGroups, Schedule, UpdateLr
 from framework.runtime.signals import Interrupted, signal_name, stop_requested
 from framework.runtime.world import SINGLE_PROCESS, World
 from framework.schema import NonNegative, OpenFraction, Positive, Range
@@ -73,6 +73,7 @@ class Prepared:
     ema: EMA | None
     update_lr: UpdateLr
     state: dict[str, Parameter]
+    lr_groups: LrGroups | None = None  # per-group lr multipliers and frozen groups (optimizer fine-tuning settings)
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Trainer:
         eval_ema: bool = False,
         max_nonfinite_steps: Annotated[int, Positive] = 5,
         early_stopping: EarlyStopping | None = None,
+        freeze_bn_stats: bool = False,
     ) -> None:
         # Types, choices and ranges are the schema's (framework.config, before any task runs); this pair is not.
         if eval_ema and ema_decay is None:
@@ -139,6 +141,7 @@ class Trainer:
         self.ema_decay, self.eval_ema = ema_decay, eval_ema
         self.max_nonfinite_steps = max_nonfinite_steps
         self.early_stopping = early_stopping
+        self.freeze_bn_stats = freeze_bn_stats
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Micro-batches used per epoch: all full batches (or ``limit_train_batches``), whole accumulations only."""
@@ -152,13 +155,22 @@ class Trainer:
     def prepare(
         self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer, world: World = SINGLE_PROCESS
     ) -> Prepared:
-        """Everything ``fit`` trains with; the optimizer's lr must be an ``UpdateLr`` (set per update)."""
-        update_lr = optimizer.learning_rate
+        """Everything ``fit`` trains with; the optimizer's lr must be an ``UpdateLr`` (set per update).
+        ``freeze_bn_stats``: BatchNorm layers normalise with their running statistics and never update them."""
+        update_lr, lr_groups = (
+            getattr(optimizer, "update_lr", optimizer.learning_rate),
+            getattr(optimizer, "lr_groups", None),
+        )
         if not isinstance(update_lr, UpdateLr):
             raise TypeError("the optimizer's learning_rate must be an UpdateLr, which the trainer sets per update")
+        if self.freeze_bn_stats:
+            for _, cell in network.cells_and_names():
+                if isinstance(cell, nn.BatchNorm2d):
+                    cell.use_batch_statistics = False
         network, step = self.train_step(network, loss_fn, optimizer, world)
         ema = EMA(network, self.ema_decay) if self.ema_decay else None
-        return Prepared(network, step, ema, update_lr, _training_state(network, optimizer, step, ema))
+        state = _training_state(network, optimizer, step, ema)
+        return Prepared(network, step, ema, update_lr, state, lr_groups)
 
     def ended(self, resume: TrainingState, steps_per_epoch: int) -> str | None:
         """Why a run resumed from ``resume`` has nothing left to do (all epochs trained, or stopped early)."""
@@ -275,6 +287,8 @@ class _Fit:
     def _train_epoch(self, epoch: int) -> None:
         """The epoch's micro-batches from where the run stands (a resumed job skips those done)."""
         self.prepared.network.set_train(True)
+        if self.prepared.lr_groups is not None:
+            self.prepared.lr_groups.start_epoch(epoch)
         self._emit("on_epoch_start", epoch)
         loader = self.data.loader("train", self.world.rank, self.world.size, epoch=epoch - 1)
         loader = loader.take(self.steps_per_epoch).skip(self.micro_step % self.steps_per_epoch)
@@ -426,9 +440,12 @@ def _training_state(
 ) -> dict[str, Parameter]:
     """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA.
 
-    The current lr is not in it: the trainer sets it from the schedule before every update."""
+    The lr is not in it: the trainer sets it from the schedule before every update (and the groups' by epoch)."""
+    lr_groups = getattr(optimizer, "lr_groups", None)
+    lrs = {id(getattr(optimizer, "update_lr", optimizer.learning_rate).value)}
+    lrs |= {id(factor) for factor in lr_groups.factors} if lr_groups is not None else set()
     state = {p.name: p for p in network.get_parameters()}
-    state.update({p.name: p for p in optimizer.get_parameters() if p is not optimizer.learning_rate.value})
+    state.update({p.name: p for p in optimizer.get_parameters() if id(p) not in lrs})
     scaler = vars(step.loss_scaler) if step.loss_scaler is not None else {}
     state.update({f"loss_scaler.{k}": v for k, v in scaler.items() if isinstance(v, Parameter)})
     if ema is not None:

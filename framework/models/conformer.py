@@ -18,6 +18,7 @@ fusion_block,squeeze_block,expand_block,trans_block}``, ``cls_token``, ``trans_n
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal, initializer
@@ -242,6 +243,14 @@ class Conformer(nn.Cell):
     """
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # depth order for layer-wise lr decay (optimizer.layer_decay): the stems, each CNN-transformer stage, the
+    # final norm; then both heads
+    depth_patterns: ClassVar = (
+        r"^(cls_token|conv1|bn1|conv_1|trans_patch_conv|trans_1)(\.|$)",
+        r"^conv_trans_(\d+)\.",
+        r"^trans_norm\.",
+    )
+    classifiers: ClassVar = ("conv_cls_head", "trans_cls_head")  # what depends on the class count (model.pretrained)
 
     @staticmethod
     def image_size_error(size: int) -> str | None:

@@ -120,6 +120,8 @@ class EfficientNet(nn.Cell):
     """Stem → seven MBConv stages → 1×1 head conv → pooled classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # depth order for layer-wise lr decay (optimizer.layer_decay): stem, each block, the head conv; then the head
+    depth_patterns: ClassVar = (r"^(conv_stem|bn1)\.", r"^blocks\.(\d+)\.(\d+)\.", r"^(conv_head|bn2)\.")
     # names of its twins' tensors → ours (model.pretrained; norm tensors are renamed by framework.models.pretrained)
     # mindcv keeps torchvision's layout: features.0/1 stem conv/bn, features.3-9 the stages (layers by position
     # in block.N), features.10/11 head conv/bn, mlp_head the classifier

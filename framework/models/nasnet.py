@@ -27,6 +27,7 @@ Parameter names follow slim's scopes, flattened; Keras names in brackets:
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import mindspore.nn as nn
 import mindspore.ops as ops
@@ -266,6 +267,9 @@ class NASNetAMobile(nn.Cell):
     """
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # depth order for layer-wise lr decay (optimizer.layer_decay): stem, stem cells, each cell; then both heads
+    depth_patterns: ClassVar = (r"^stem_(conv|bn)\.", r"^cell_stem_(\d+)\.", r"^blocks\.(\d+)\.")
+    classifiers: ClassVar = ("head.fc", "aux_head.fc")  # what depends on the class count (model.pretrained)
 
     @staticmethod
     def image_size_error(size: int) -> str | None:

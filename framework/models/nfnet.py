@@ -151,6 +151,8 @@ class NFNet(nn.Cell):
     """Four-conv "deep quad" stem (stride 4), four stages of NF blocks, 1×1 final conv, pooled classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # depth order for layer-wise lr decay (optimizer.layer_decay): stem, each block, the final conv; then the head
+    depth_patterns: ClassVar = (r"^stem\.", r"^stages\.(\d+)\.(\d+)\.", r"^final_conv\.")
     # names of timm dm_nfnet_f0's tensors → ours (model.pretrained)
     weight_names: ClassVar = {
         "torch": (

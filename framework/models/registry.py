@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import textwrap
 import typing
 from collections.abc import Callable
@@ -52,6 +53,23 @@ def create_model(
     network.pretrained_report = load_pretrained(network, weights, pretrained_head)
     network.pretrained_report.variant = variant
     return network
+
+
+def parameter_depth(network: nn.Cell) -> dict[str, tuple[int, int]]:
+    """Each parameter's depth as (layer, last layer): the family's ``depth_patterns`` in order (numbers they
+    capture order the matches of one pattern), so the stem is layer 0; what no pattern matches (the classifier)
+    is the last layer. For layer-wise lr decay (``optimizer.layer_decay``)."""
+    patterns = getattr(type(network), "depth_patterns", ())
+    keys: dict[str, tuple[int, ...]] = {}
+    for param in network.get_parameters():
+        for index, pattern in enumerate(patterns):
+            found = re.match(pattern, param.name)
+            if found:
+                keys[param.name] = (index, *(int(g) for g in found.groups() if g and g.isdigit()))
+                break
+    order = {key: layer for layer, key in enumerate(sorted(set(keys.values())))}
+    last = len(order)
+    return {p.name: (order[keys[p.name]], last) if p.name in keys else (last, last) for p in network.get_parameters()}
 
 
 def weights_variant(name: str, weights: WeightsFile) -> dict[str, Any]:

@@ -79,6 +79,8 @@ class ResNeXt(nn.Cell):
     """7×7 stem + max-pool, four stages of bottlenecks, global-pool classifier."""
 
     reduction = 32  # input pixels per pixel of the last feature map
+    # depth order for layer-wise lr decay (optimizer.layer_decay): the stem, then each block; the head is last
+    depth_patterns: ClassVar = (r"^(conv1|bn1)\.", r"^layer(\d+)\.(\d+)\.")
     # names of its twins' tensors → ours (model.pretrained; norm tensors are renamed by framework.models.pretrained)
     weight_names: ClassVar = {
         "torch": ((r"^fc\.", "head.fc."),),

@@ -24,7 +24,8 @@ except those whose name contains ``gamma`` or ``beta``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal, get_args
 
 import mindspore as ms
@@ -32,7 +33,8 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 
-from framework.schema import HalfOpenFraction, NonNegative, Positive, checked
+from framework.optim.schedules import LrGroups, UpdateLr
+from framework.schema import HalfOpenFraction, NonNegative, Positive, Range, checked
 
 OptimizerName = Literal["sgd", "momentum", "adamw", "rmsprop_tf", "sgd_agc"]
 OPTIMIZERS = get_args(OptimizerName)
@@ -134,6 +136,7 @@ class AGCMomentum(nn.Momentum):
         return super().construct(gradients)
 
 
+# long: its signature is the optimizer configs' schema (one annotated keyword per setting), one branch per optimizer
 @checked("optimizer")
 def create_optimizer(
     params: list[Parameter],
@@ -150,6 +153,11 @@ def create_optimizer(
     agc_eps: Annotated[float, Positive] = 1e-3,
     agc_exclude: Sequence[str] = ("head.fc",),
     loss_scale: Annotated[float, Positive] = 1.0,
+    head_lr_scale: Annotated[float, NonNegative] = 1.0,
+    layer_decay: Annotated[float, Range(0, 1, low_inclusive=False)] | None = None,
+    freeze: Sequence[str] = (),
+    unfreeze_epoch: Annotated[int, NonNegative] | None = None,
+    depth: Mapping[str, tuple[int, int]] | None = None,
 ) -> nn.Optimizer:
     """Optimizer ``name`` over ``params``; ``learning_rate`` is a float or a per-step Tensor (indexed by global step).
 
@@ -157,27 +165,99 @@ def create_optimizer(
     is also RMSProp's (added inside the square root), ``rmsprop_decay`` its mean-square decay (rho). ``agc_*`` only
     act for ``sgd_agc``. ``loss_scale`` is a static loss scale the optimizer divides the gradients by (not AdamW).
     Choices and ranges are the annotations', checked for a config and (``checked``) for a Python call alike.
+
+    Fine-tuning (``LrGroups``): ``head_lr_scale`` multiplies the classifier's lr; ``layer_decay`` gives layer
+    ``i`` of ``L`` lr × ``layer_decay ** (L - i)`` (timm's layer-wise decay; ``depth`` from
+    ``models.parameter_depth``); parameters a ``freeze`` regex matches learn nothing through ``unfreeze_epoch``.
     """
     _check_combinations(name, momentum, nesterov, loss_scale)
     params = list(params)
     weight_decay, momentum, loss_scale = float(weight_decay), float(momentum), float(loss_scale)
-    groups = _param_groups(params, weight_decay) if filter_bias_and_norm else params
+    lr_groups = None
+    if head_lr_scale != 1.0 or layer_decay is not None or freeze:
+        lr_groups = _lr_groups(learning_rate, unfreeze_epoch)
+        scales = _lr_scales(params, depth, float(head_lr_scale), layer_decay)
+        groups = _scaled_groups(params, weight_decay, filter_bias_and_norm, scales, _frozen(params, freeze), lr_groups)
+    else:
+        groups = _param_groups(params, weight_decay) if filter_bias_and_norm else params
     if name == "sgd":
-        return nn.SGD(
+        optimizer = nn.SGD(
             groups, learning_rate, momentum, weight_decay=weight_decay, nesterov=nesterov, loss_scale=loss_scale
         )
-    if name == "momentum":
-        return nn.Momentum(groups, learning_rate, momentum, weight_decay, loss_scale, use_nesterov=nesterov)
-    if name == "adamw":
+    elif name == "momentum":
+        optimizer = nn.Momentum(groups, learning_rate, momentum, weight_decay, loss_scale, use_nesterov=nesterov)
+    elif name == "adamw":
         beta1, beta2 = (float(b) for b in betas)
-        return nn.AdamWeightDecay(groups, learning_rate, beta1, beta2, float(eps), weight_decay)
-    if name == "rmsprop_tf":
-        return RMSPropTF(groups, learning_rate, float(rmsprop_decay), momentum, float(eps), loss_scale, weight_decay)
-    exclude = tuple(str(prefix) for prefix in agc_exclude)
-    _check_agc_exclude(exclude, params)
-    return AGCMomentum(
-        groups, learning_rate, momentum, agc_clipping, agc_eps, exclude, weight_decay, loss_scale, use_nesterov=nesterov
-    )
+        optimizer = nn.AdamWeightDecay(groups, learning_rate, beta1, beta2, float(eps), weight_decay)
+    elif name == "rmsprop_tf":
+        optimizer = RMSPropTF(
+            groups, learning_rate, float(rmsprop_decay), momentum, float(eps), loss_scale, weight_decay
+        )
+    else:
+        exclude = tuple(str(prefix) for prefix in agc_exclude)
+        _check_agc_exclude(exclude, params)
+        optimizer = AGCMomentum(
+            groups, learning_rate, momentum, agc_clipping, agc_eps, exclude, weight_decay, loss_scale, nesterov
+        )
+    optimizer.update_lr, optimizer.lr_groups = learning_rate, lr_groups
+    return optimizer
+
+
+def _lr_groups(learning_rate: Tensor | float, unfreeze_epoch: int | None) -> LrGroups:
+    if not isinstance(learning_rate, UpdateLr):
+        raise ValueError("lr multipliers and frozen parameters need the per-update learning rate (an UpdateLr)")
+    return LrGroups(learning_rate, unfreeze_epoch)
+
+
+def _lr_scales(
+    params: list[Parameter],
+    depth: Mapping[str, tuple[int, int]] | None,
+    head_lr_scale: float,
+    layer_decay: float | None,
+) -> dict[str, float]:
+    """Each parameter's lr multiplier: ``layer_decay ** (last - layer)``, the classifier's times ``head_lr_scale``."""
+    if depth is None:
+        raise ValueError("optimizer.head_lr_scale and optimizer.layer_decay need the model's layers (depth)")
+    scales = {}
+    for param in params:
+        layer, last = depth[param.name]
+        scale = float(layer_decay) ** (last - layer) if layer_decay is not None else 1.0
+        scales[param.name] = scale * (head_lr_scale if layer == last else 1.0)
+    return scales
+
+
+def _frozen(params: list[Parameter], patterns: Sequence[str]) -> set[str]:
+    """Names of the parameters a ``freeze`` regex matches (``re.search``); each regex must match one."""
+    frozen = set()
+    for pattern in patterns:
+        try:
+            matched = {p.name for p in params if re.search(str(pattern), p.name)}
+        except re.error as err:
+            raise ValueError(f"optimizer.freeze: {pattern!r} is no regular expression ({err})") from err
+        if not matched:
+            raise ValueError(f"optimizer.freeze: {pattern!r} matches no trainable parameter (e.g. {params[0].name})")
+        frozen |= matched
+    return frozen
+
+
+def _scaled_groups(
+    params: list[Parameter],
+    weight_decay: float,
+    filter_bias_and_norm: bool,
+    scales: dict[str, float],
+    frozen: set[str],
+    lr_groups: LrGroups,
+) -> list[dict]:
+    """One group per (decayed, lr multiplier, frozen), each with its ``GroupLr``, in the network's order."""
+    members: dict[tuple[bool, float, bool], list[Parameter]] = {}
+    for param in params:
+        decayed = not no_weight_decay(param) if filter_bias_and_norm else not re.search("gamma|beta", param.name)
+        members.setdefault((decayed, scales[param.name], param.name in frozen), []).append(param)
+    groups = [
+        {"params": group, "weight_decay": weight_decay if decayed else 0.0, "lr": lr_groups.group(scale, is_frozen)}
+        for (decayed, scale, is_frozen), group in members.items()
+    ]
+    return [*groups, {"order_params": params}]
 
 
 def no_weight_decay(param: Parameter) -> bool:

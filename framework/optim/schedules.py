@@ -82,6 +82,45 @@ class UpdateLr(LearningRateSchedule):
         ops.assign(self.value, Tensor(value, ms.float32))  # in place: the compiled step keeps reading it
 
 
+class GroupLr(LearningRateSchedule):
+    """A parameter group's learning rate: the update's (``UpdateLr``'s value) times the group's ``scale``
+    (layer-wise decay, the head's multiplier), or 0 while the group is frozen (``LrGroups.start_epoch``)."""
+
+    def __init__(self, base: UpdateLr, scale: float, frozen: bool, name: str) -> None:
+        super().__init__()
+        self.current_lr = base.value  # the one Parameter the trainer sets per update, shared by every group
+        self.scale, self.frozen = float(scale), frozen
+        self.factor = Parameter(Tensor(0.0 if frozen else scale, ms.float32), name=name, requires_grad=False)
+
+    def construct(self, update: Tensor) -> Tensor:
+        return self.current_lr * self.factor
+
+
+class LrGroups:
+    """The parameter groups' learning rates of an optimizer with lr multipliers or frozen parameters: frozen
+    groups learn nothing (lr 0, so no weight decay either) through epoch ``unfreeze_epoch``, then at their scale
+    (never with ``unfreeze_epoch`` None). Their state is a function of the epoch: a resumed job sets it again."""
+
+    def __init__(self, base: UpdateLr, unfreeze_epoch: int | None) -> None:
+        self.base, self.unfreeze_epoch, self.groups = base, unfreeze_epoch, []
+
+    def group(self, scale: float, frozen: bool) -> GroupLr:
+        lr = GroupLr(self.base, scale, frozen, f"lr_group_{len(self.groups)}.factor")
+        self.groups.append(lr)
+        return lr
+
+    def start_epoch(self, epoch: int) -> None:
+        """Set the frozen groups' lr for ``epoch`` (1-based)."""
+        thawed = self.unfreeze_epoch is not None and epoch > self.unfreeze_epoch
+        for lr in self.groups:
+            if lr.frozen:
+                ops.assign(lr.factor, Tensor(lr.scale if thawed else 0.0, ms.float32))
+
+    @property
+    def factors(self) -> list[Parameter]:
+        return [lr.factor for lr in self.groups]
+
+
 def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total: int) -> int:
     return min(int(round(warmup_epochs * steps_per_epoch)), total)
 

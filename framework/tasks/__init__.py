@@ -14,6 +14,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import build, check_config, command_line_problem
+from framework.data.pipeline import class_count
 from framework.engine import FitResult
 from framework.errors import user_error
 from framework.launch.slurm import slurm_gres, slurm_master_addr
@@ -31,6 +32,7 @@ RESOLVERS = {
     "rank_dir": rank_dir_name,  # a data-parallel process's own folder
     "slurm_master_addr": slurm_master_addr,  # hardware/: a multi-node job's rendezvous host
     "slurm_gres": slurm_gres,  # hydra/launcher/slurm: the devices a node asks for
+    "class_count": class_count,  # dataset/digits: how many classes dataset.classes keeps
 }
 
 

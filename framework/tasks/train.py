@@ -25,6 +25,7 @@ from framework.engine.progress import ProgressDisplay
 from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
 from framework.launch.msrun import RESULT_FILE, JobFailed
+from framework.models.registry import parameter_depth
 from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
 from framework.runtime.signals import deferred_stop, raise_unheeded_stop, stop_signals_interrupt
 from framework.runtime.world import World, is_msrun_process
@@ -144,7 +145,13 @@ def _build_job(cfg: DictConfig, world: World) -> Job:
     global_batch_size = cfg.dataset.batch_size * world.size * trainer.accumulation_steps
     lr_factor = build(cfg, "lr_scaling").factor(global_batch_size)
     schedule = build(cfg, "scheduler", epochs=trainer.epochs, steps_per_epoch=updates_per_epoch).scaled(lr_factor)
-    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=UpdateLr(schedule[0]))
+    optimizer = build(
+        cfg,
+        "optimizer",
+        params=network.trainable_params(),
+        learning_rate=UpdateLr(schedule[0]),
+        depth=parameter_depth(network),
+    )
     prepared = trainer.prepare(network, loss_fn, optimizer, world)
     return Job(data, trainer, schedule, prepared, updates_per_epoch, global_batch_size, lr_factor)
 
