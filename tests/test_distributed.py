@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -20,6 +21,7 @@ from framework.launch import Hardware
 from framework.launch.msrun import msrun_command
 from framework.launch.slurm import first_host
 from framework.paths import PROJECT_ROOT
+from framework.tasks.train import train
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
@@ -248,3 +250,21 @@ def test_cpu2_sweep_trial_is_pruned_on_both_ranks(tmp_path):
     (trial_dir,) = [d for d in (tmp_path / "multiruns").glob("*/*/0") if d.is_dir()]  # the sweep's first job
     for rank in (0, 1):
         assert "training ends after epoch 1" in (trial_dir / "msrun" / f"worker_{rank}.log").read_text()
+
+
+def test_cpu2_fine_tunes_from_a_checkpoint_with_a_frozen_backbone(tmp_path):
+    """model.pretrained and the fine-tuning settings data parallel: both ranks start from the checkpoint, the
+    frozen backbone ends as loaded on both (weights identical across ranks), the head is trained."""
+    train(compose_config([*TINY, "engine.epochs=1"], tmp_path / "source"))
+    source = next((tmp_path / "source").rglob("best.ckpt"))
+    settings = ["optimizer.freeze=['^(?!head[.])']", "optimizer.layer_decay=0.8", "engine.freeze_bn_stats=true"]
+    out = run_py(tmp_path, "hardware=cpu2", *TINY, "engine.epochs=1", f"model.pretrained={source}", *settings)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.data.tags["ranks_weights_identical"] == "true"
+    assert run.data.tags["pretrained_load"].startswith("loaded 87 tensors from checkpoint best.ckpt")
+    loaded = read_checkpoint(source)[0]
+    (last,) = tmp_path.glob("runs/*/*/checkpoints/last.ckpt")
+    trained = read_checkpoint(last)[0]
+    same = {n: np.array_equal(trained[n].asnumpy(), loaded[n].asnumpy()) for n in loaded}
+    assert all(v for n, v in same.items() if not n.startswith("head.")) and not same["head.fc.weight"]

@@ -120,3 +120,24 @@ def test_a_frozen_backbone_and_its_batchnorm_stay_as_loaded_until_unfrozen(tmp_p
     assert statistics and all(same(after_1, n) for n in backbone)
     assert not same(after_1, "head.fc.weight")
     assert all(same(after_2, n) for n in statistics) and not any(same(after_2, n) for n in weights)
+
+
+def test_fine_tuning_settings_hold_across_a_resume_with_ema_and_amp(tmp_path):
+    """Frozen through epoch 1 with layer decay, a head lr multiplier, EMA and AMP; the job ends after epoch 1 and
+    is resumed for epoch 2 (the groups' lr is set again from the epoch): epoch 1 left the backbone as loaded,
+    epoch 2 trained it, all in one MLflow run."""
+    train(compose_config(ONE_EPOCH, tmp_path / "source"))
+    source = next((tmp_path / "source").rglob("best.ckpt"))
+    tuned = [*ONE_EPOCH, f"model.pretrained={source}", "optimizer.freeze=['^(?!head[.])']",
+             "optimizer.unfreeze_epoch=1", "optimizer.layer_decay=0.7", "optimizer.head_lr_scale=5",
+             "engine.ema_decay=0.9", "engine.amp_level=O1", "engine.checkpoint_every_n_epochs=1",
+             "engine.keep_checkpoint_max=2"]  # fmt: skip
+    train(compose_config(tuned, tmp_path / "tuned"))
+    train(compose_config([*tuned, "engine.epochs=2", "resume=auto"], tmp_path / "tuned"))
+    loaded = read_checkpoint(source)[0]
+    weights = [n for n in loaded if not n.startswith("head.") and not n.endswith(("moving_mean", "moving_variance"))]
+    epochs = [read_checkpoint(next((tmp_path / "tuned").rglob(f"epoch_000{e}.ckpt")))[0] for e in (1, 2)]
+    unchanged = [[np.array_equal(state[n].asnumpy(), loaded[n].asnumpy()) for n in weights] for state in epochs]
+    assert all(unchanged[0]) and not any(unchanged[1])
+    (run,) = all_runs(mlflow_client(tmp_path / "tuned"))
+    assert run.data.metrics["epoch"] == 2 and run.data.tags["pretrained_load"].startswith("loaded 87 tensors")
