@@ -169,7 +169,8 @@ class Trainer:
                     cell.use_batch_statistics = False
         network, step = self.train_step(network, loss_fn, optimizer, world)
         ema = EMA(network, self.ema_decay) if self.ema_decay else None
-        state = _training_state(network, optimizer, step, ema)
+        lrs = [update_lr.value, *(lr_groups.factors if lr_groups is not None else [])]
+        state = _training_state(network, optimizer, step, ema, lrs)
         return Prepared(network, step, ema, update_lr, state, lr_groups)
 
     def ended(self, resume: TrainingState, steps_per_epoch: int) -> str | None:
@@ -436,16 +437,15 @@ def _stop_decision(
 
 
 def _training_state(
-    network: nn.Cell, optimizer: nn.Optimizer, step: TrainStep, ema: EMA | None
+    network: nn.Cell, optimizer: nn.Optimizer, step: TrainStep, ema: EMA | None, lrs: list[Parameter]
 ) -> dict[str, Parameter]:
     """Everything exact resume needs, by unique name: weights and BN statistics, optimizer state, loss scale, EMA.
 
-    The lr is not in it: the trainer sets it from the schedule before every update (and the groups' by epoch)."""
-    lr_groups = getattr(optimizer, "lr_groups", None)
-    lrs = {id(getattr(optimizer, "update_lr", optimizer.learning_rate).value)}
-    lrs |= {id(factor) for factor in lr_groups.factors} if lr_groups is not None else set()
+    The lr Parameters ``lrs`` are not in it: the trainer sets them from the schedule before every update (and the
+    groups' by epoch)."""
+    left_out = {id(lr) for lr in lrs}
     state = {p.name: p for p in network.get_parameters()}
-    state.update({p.name: p for p in optimizer.get_parameters() if id(p) not in lrs})
+    state.update({p.name: p for p in optimizer.get_parameters() if id(p) not in left_out})
     scaler = vars(step.loss_scaler) if step.loss_scaler is not None else {}
     state.update({f"loss_scaler.{k}": v for k, v in scaler.items() if isinstance(v, Parameter)})
     if ema is not None:

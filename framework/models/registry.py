@@ -49,8 +49,16 @@ def create_model(
         return _builder(name)(**kwargs)
     weights = read_weights(pretrained)
     variant = {key: value for key, value in weights_variant(name, weights).items() if key not in kwargs}
-    network = _builder(name)(**variant, **kwargs)
-    network.pretrained_report = load_pretrained(network, weights, pretrained_head)
+    return start_from(weights, pretrained_head, variant, lambda: _builder(name)(**variant, **kwargs))
+
+
+def start_from(
+    weights: WeightsFile, head: HeadPolicy, variant: dict[str, Any], build: Callable[[], nn.Cell]
+) -> nn.Cell:
+    """``build()`` (the model built with ``variant``, see ``weights_variant``) holding ``weights``; what the
+    load did is its ``pretrained_report``."""
+    network = build()
+    network.pretrained_report = load_pretrained(network, weights, head)
     network.pretrained_report.variant = variant
     return network
 

@@ -19,8 +19,8 @@ from framework.config import ConfigError, build, check_config, flatten, group_ch
 from framework.engine.checkpoint import is_training_state, latest_training_state, load_checkpoint, read_checkpoint
 from framework.engine.trainer import TrainingState
 from framework.launch import Hardware
-from framework.models.pretrained import PretrainedError, load_pretrained, read_weights
-from framework.models.registry import image_size_problems, weights_variant
+from framework.models.pretrained import PretrainedError, read_weights
+from framework.models.registry import image_size_problems, start_from, weights_variant
 from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.naming import command_line, source_tags
 
@@ -70,11 +70,12 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = False, set
     try:  # as create_model(pretrained=...) does, each refusal as one line naming model.pretrained
         weights = read_weights(pretrained_file(cfg, str(source)))
         variant = weights_variant(str(cfg.model.name), weights)
-        network = build(cfg, "model", num_classes=num_classes, pretrained=None, **variant)
-        network.pretrained_report = load_pretrained(network, weights, cfg.model.get("pretrained_head", "auto"))
+        head = cfg.model.get("pretrained_head", "auto")
+        network = start_from(
+            weights, head, variant, lambda: build(cfg, "model", num_classes=num_classes, pretrained=None, **variant)
+        )
     except PretrainedError as err:
         raise ConfigError(f"model.pretrained={source}: {err}") from err
-    network.pretrained_report.variant = variant
     console.print(f"model.pretrained: {network.pretrained_report.line()}", highlight=False, soft_wrap=True)
     return network
 

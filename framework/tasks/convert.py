@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from framework.config import ConfigError, build, group_choices
 from framework.engine.checkpoint import save_checkpoint, weights_sha256
-from framework.models.pretrained import PretrainedError, WeightsFile, load_pretrained, read_weights
-from framework.models.registry import weights_variant
+from framework.models.pretrained import PretrainedError, WeightsFile, read_weights
+from framework.models.registry import start_from, weights_variant
 from framework.runtime.signals import stop_signals_interrupt
 from framework.tasks.common import pretrained_file, print_summary, run_tags
 from framework.tracking.naming import run_name
@@ -61,13 +61,12 @@ def convert(cfg: DictConfig) -> Path:
 
 def _network(cfg: DictConfig, weights: WeightsFile, variant: dict[str, Any]) -> tuple[Any, int]:
     """The model with the file's weights, its classifier included, and its class count (the file's)."""
-    classes = 1000
-    network = build(cfg, "model", num_classes=classes, pretrained=None, **variant)
-    report = load_pretrained(network, weights, "auto")
-    if report.head is not None and report.head[0] > 0:  # the file's classifier has another class count
-        classes = report.head[0]
-        network = build(cfg, "model", num_classes=classes, pretrained=None, **variant)
-        report = load_pretrained(network, weights, "keep")
-    report.variant = variant
-    network.pretrained_report = report
-    return network, classes
+
+    def model(classes: int) -> Any:
+        return build(cfg, "model", num_classes=classes, pretrained=None, **variant)
+
+    network = start_from(weights, "auto", variant, lambda: model(1000))
+    head = network.pretrained_report.head
+    if head is None or head[0] == 0:  # the file's classifier has 1,000 classes (or the file has none)
+        return network, 1000
+    return start_from(weights, "keep", variant, lambda: model(head[0])), head[0]
