@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+import textwrap
+import time
 import zlib
+from pathlib import Path
 
 from framework.config import build
 from framework.tasks.common import run_params, run_tags
@@ -80,3 +85,44 @@ def test_the_experiment_gets_a_view_with_metric_columns_that_charts_every_run(tm
     client.set_experiment_tag(experiment_id, "mlflow.sharedViewState.training-runs", "edited")
     tracker.runs_view_url(run.run_id, "val_loss")
     assert client.get_experiment(experiment_id).tags["mlflow.sharedViewState.training-runs"] == "edited"
+
+
+# Each worker waits for a go-file, then logs one new dataset per round into a run of the shared experiment.
+_DATASET_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from framework.tracking.mlflow_run import MlflowTracker
+
+    store, worker, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    tracker = MlflowTracker(experiment_name="Default", local_store=str(store), system_metrics=False)
+    for r in range(rounds):
+        while not (store / f"go-{r}").exists():
+            time.sleep(0.005)
+        with tracker.start_run({}, run_name=f"w{worker} r{r}") as run:
+            run.log_dataset("digits/train", f"digest-{r}", "sklearn", "training", {"images": 10})
+            (store / f"ready-{r}-{worker}").touch()
+    """
+)
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_finish(tmp_path):
+    """Parallel sweep trials log the same new dataset: MLflow's look-up-then-insert races (one trial failed)."""
+    store = compose_config([], tmp_path).tracking.local_store  # the store, with its tables made
+    workers, rounds = 4, 8
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _DATASET_WORKER, store, str(w), str(rounds)], stderr=subprocess.PIPE)
+        for w in range(workers)
+    ]
+    time.sleep(5)  # imports done
+    for r in range(rounds):
+        (Path(store) / f"go-{r}").touch()
+        while len(list(Path(store).glob(f"ready-{r}-*"))) < workers and all(p.poll() is None for p in procs):
+            time.sleep(0.01)
+    errors = [p.communicate(timeout=120)[1].decode()[-2000:] for p in procs]
+    assert [p.returncode for p in procs] == [0] * workers, errors
+    runs = all_runs(mlflow_client(tmp_path))
+    assert len(runs) == workers * rounds
+    assert all(
+        [i.dataset.digest for i in run.inputs.dataset_inputs] == [f"digest-{run.info.run_name[-1]}"] for run in runs
+    )

@@ -469,13 +469,7 @@ class MlflowRun:
         elif kind == "figure":
             client.log_figure(run_id, record["figure"], record["artifact_file"])
         elif kind == "dataset":
-            logged = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
-            if (record["name"], record["digest"]) not in logged:  # a run continued by a job started over has it
-                source = json.dumps({"uri": record["source"]})
-                profile = json.dumps(record["profile"])
-                dataset = Dataset(record["name"], record["digest"], "local", source, profile=profile)
-                tags = [InputTag("mlflow.data.context", record["context"])]
-                client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+            self._send_dataset(record)
         elif kind == "model":
             self._send_model(record)
         elif kind == "artifact":
@@ -483,6 +477,22 @@ class MlflowRun:
                 client.log_artifact(run_id, record["path"], record["artifact_path"])
             else:
                 print(f"warning: {record['path']} is gone; not logged to MLflow run {run_id}", file=sys.stderr)
+
+    def _send_dataset(self, record: dict[str, Any]) -> None:
+        """Log a dataset input once per run (a run continued by a job started over has it already)."""
+        client, run_id = self.client, self.run_id
+        logged = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+        if (record["name"], record["digest"]) in logged:
+            return
+        source = json.dumps({"uri": record["source"]})
+        dataset = Dataset(record["name"], record["digest"], "local", source, profile=json.dumps(record["profile"]))
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", record["context"])])]
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+        except MlflowException:
+            # MLflow's store looks a dataset up, then inserts it: parallel sweep trials logging the same new dataset
+            # race, and the later insert fails on the datasets table's key. Once there, the look-up finds it.
+            client.log_inputs(run_id, datasets=inputs)
 
     def _send_model(self, record: dict[str, Any]) -> None:
         """Log the saved model as the run's LoggedModel and register it. One model per run: a retry, or a resumed
