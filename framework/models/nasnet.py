@@ -27,7 +27,7 @@ Parameter names follow slim's scopes, flattened; Keras names in brackets:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import mindspore.nn as nn
 import mindspore.ops as ops
@@ -105,14 +105,16 @@ class FactorizedReduction(nn.Cell):
 
 
 class SeparableConv2d(nn.Cell):
-    """Depthwise k×k (TF "SAME" padding) → pointwise 1×1, no bias: Keras ``SeparableConv2D``."""
+    """Depthwise k×k (TF "SAME" padding, or ``symmetric``: k // 2 on every side) → pointwise 1×1, no bias: Keras
+    ``SeparableConv2D``. The two paddings differ only at stride 2 on an even side, where "SAME" pads one pixel less
+    before the map."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, symmetric: bool = False) -> None:
         super().__init__()
+        padding = {"pad_mode": "pad", "padding": kernel // 2} if symmetric else {"pad_mode": "same"}
         self.depthwise = nn.Conv2d(
-            in_ch, in_ch, kernel, stride=stride, pad_mode="same", group=in_ch, has_bias=False,
-            weight_init=XavierUniform(),
-        )  # fmt: skip
+            in_ch, in_ch, kernel, stride=stride, group=in_ch, has_bias=False, weight_init=XavierUniform(), **padding
+        )
         self.pointwise = nn.Conv2d(in_ch, out_ch, 1, has_bias=False, weight_init=XavierUniform())
 
     def construct(self, x: Tensor) -> Tensor:
@@ -122,10 +124,12 @@ class SeparableConv2d(nn.Cell):
 class SeparableBranch(nn.Cell):
     """[ReLU → separable conv → BN] twice; only the first conv strides (Keras ``_separable_conv_block``)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, bn_momentum: float, stride: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, bn_momentum: float, stride: int = 1, symmetric: bool = False
+    ) -> None:
         super().__init__()
         self.act = nn.ReLU()
-        self.separable_1 = SeparableConv2d(in_ch, out_ch, kernel, stride)
+        self.separable_1 = SeparableConv2d(in_ch, out_ch, kernel, stride, symmetric)
         self.bn_1 = _bn(out_ch, bn_momentum)
         self.separable_2 = SeparableConv2d(out_ch, out_ch, kernel)
         self.bn_2 = _bn(out_ch, bn_momentum)
@@ -188,30 +192,45 @@ class NormalCell(_CellBase):
 
 
 class ReductionCell(_CellBase):
-    """NASNet-A reduction cell (paper Fig. 4 right): halves the map, outputs 4 × filters channels."""
+    """NASNet-A reduction cell (paper Fig. 4 right): halves the map, outputs 4 × filters channels.
+
+    ``padding``: Keras's (TF "SAME" convolutions; pools over the map zero-padded as Keras's ``correct_pad``), or
+    mindcv's (pools with MindSpore's "same" padding, which leaves padding out of the max and the mean; its
+    strided convolutions padded ``symmetric`` or "SAME", by cell: see ``NASNetAMobile``).
+    """
 
     def __init__(
-        self, in_ch: int, prev_ch: int | None, filters: int, prev_stride: int, drop_path_rate: float, bn_momentum: float
+        self,
+        in_ch: int,
+        prev_ch: int | None,
+        filters: int,
+        prev_stride: int,
+        drop_path_rate: float,
+        bn_momentum: float,
+        padding: Literal["keras", "mindcv"] = "keras",
+        symmetric: bool = False,
     ) -> None:
         super().__init__(in_ch, prev_ch, filters, prev_stride, drop_path_rate, bn_momentum)
-        self.comb_iter_0_left = SeparableBranch(filters, filters, 5, bn_momentum, stride=2)
-        self.comb_iter_0_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, stride=2)
-        self.max_pool = nn.MaxPool2d(3, 2)  # "valid", on the zero-padded h as in Keras
-        self.comb_iter_1_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, stride=2)
-        self.avg_pool_2 = nn.AvgPool2d(3, 2)  # "valid", padded zeros count in the mean as in Keras
-        self.comb_iter_2_right = SeparableBranch(self.prev_ch, filters, 5, bn_momentum, stride=2)
+        self.comb_iter_0_left = SeparableBranch(filters, filters, 5, bn_momentum, 2, symmetric)
+        self.comb_iter_0_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, 2, symmetric)
+        self.comb_iter_1_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, 2, symmetric)
+        self.comb_iter_2_right = SeparableBranch(self.prev_ch, filters, 5, bn_momentum, 2, symmetric)
+        self.pad_pools = padding == "keras"
+        pool_padding = "valid" if self.pad_pools else "same"  # Keras: "valid" on the zero-padded h
+        self.max_pool = nn.MaxPool2d(3, 2, pad_mode=pool_padding)
+        self.avg_pool_2 = nn.AvgPool2d(3, 2, pad_mode=pool_padding)
         self.avg_pool_1 = nn.AvgPool2d(3, 1, pad_mode="same")
         self.comb_iter_4_left = SeparableBranch(filters, filters, 3, bn_momentum)
 
     def construct(self, x: Tensor, prev: Tensor) -> Tensor:
         p = self.adjust(prev)
         h = self.conv_1x1(x)
-        h_padded = _pad_for_pool(h)
-        h_max = self.max_pool(h_padded)
+        h_pool = _pad_for_pool(h) if self.pad_pools else h
+        h_max = self.max_pool(h_pool)
         dp = self.drop_path
         x0 = dp(self.comb_iter_0_left(h)) + dp(self.comb_iter_0_right(p))
         x1 = dp(h_max) + dp(self.comb_iter_1_right(p))
-        x2 = dp(self.avg_pool_2(h_padded)) + dp(self.comb_iter_2_right(p))
+        x2 = dp(self.avg_pool_2(h_pool)) + dp(self.comb_iter_2_right(p))
         x3 = x1 + dp(self.avg_pool_1(x0))
         x4 = dp(self.comb_iter_4_left(x0)) + dp(h_max)
         return ops.concat((x1, x2, x3, x4), axis=1)
@@ -263,13 +282,38 @@ class NASNetAMobile(nn.Cell):
     slim's per-cell schedule ``drop_path_rate × (cell index + 1) / cells`` over all cells (16, stem cells
     included); slim additionally ramps it up over the training steps, which is left out here.
     ``bn_momentum`` is the weight kept on BatchNorm running statistics (TF decay): 0.9997 in the reference,
-    which needs thousands of steps to settle; short runs want a smaller value.
+    which needs thousands of steps to settle; short runs want a smaller value. ``padding="mindcv"`` builds the
+    network as mindcv's ``nasnet_a_4x1056`` (a port of Cadene's PyTorch NASNet) was trained: its stem cells and
+    second reduction cell pad strided convolutions symmetrically, its first reduction cell as TF "SAME" (mindcv
+    pads, convolves and crops to the same effect), and every reduction cell pools with "same" padding.
     """
 
     reduction = 32  # input pixels per pixel of the last feature map
     # depth order for layer-wise lr decay (optimizer.layer_decay): stem, stem cells, each cell; then both heads
     depth_patterns: ClassVar = (r"^stem_(conv|bn)\.", r"^cell_stem_(\d+)\.", r"^blocks\.(\d+)\.")
     classifiers: ClassVar = ("head.fc", "aux_head.fc")  # what depends on the class count (model.pretrained)
+    # names of its twins' tensors → ours (model.pretrained). mindcv numbers normal cells as Cadene's port, counting
+    # the reduction cells twice (cell_0-3, 6-9, 12-15): its cell_n is our block n - n // 6
+    weight_names: ClassVar = {
+        "mindcv": (
+            (r"^conv0\.0\.", "stem_conv."),
+            (r"^conv0\.1\.", "stem_bn."),
+            (r"^cell_(\d+)\.", lambda m: f"blocks.{int(m[1]) - int(m[1]) // 6}."),
+            (r"^reduction_cell_(\d)\.", lambda m: f"blocks.{4 + 5 * int(m[1])}."),
+            (r"\.conv_1x1\.1\.", ".conv_1x1.conv."),
+            (r"\.conv_1x1\.2\.", ".conv_1x1.bn."),
+            (r"\.conv_prev_1x1\.1\.", ".adjust.conv."),
+            (r"\.conv_prev_1x1\.2\.", ".adjust.bn."),
+            (r"\.path_1\.1\.", ".adjust.conv_1."),
+            (r"\.path_2\.2\.", ".adjust.conv_2."),
+            (r"\.final_path_bn\.", ".adjust.bn."),
+            (r"\.(depthwise|pointwise)_conv2d\.", r".\1."),
+            (r"\.bn_sep_(\d)\.", r".bn_\1."),
+            (r"^classifier\.", "head.fc."),
+        ),
+    }
+    pretrained_settings: ClassVar = {"mindcv": lambda name: {"padding": "mindcv"}}  # as its weights were trained
+    absent_parts: ClassVar = {"mindcv": ("aux_head",)}  # mindcv's model has no aux head: ours starts initialised
 
     @staticmethod
     def image_size_error(size: int) -> str | None:
@@ -287,6 +331,7 @@ class NASNetAMobile(nn.Cell):
         penultimate_filters: int = PENULTIMATE_FILTERS,
         num_blocks: int = NUM_BLOCKS,
         aux_widths: tuple[int, int] = AUX_WIDTHS,
+        padding: Literal["keras", "mindcv"] = "keras",
     ) -> None:
         super().__init__()
         filters = penultimate_filters // 24
@@ -299,16 +344,24 @@ class NASNetAMobile(nn.Cell):
         self.stem_bn = _bn(stem_filters, bn_momentum)
         stem_0_filters = filters // FILTER_MULTIPLIER**2
         stem_1_filters = filters // FILTER_MULTIPLIER
-        self.cell_stem_0 = ReductionCell(stem_filters, None, stem_0_filters, 1, rates[0], bn_momentum)
-        self.cell_stem_1 = ReductionCell(4 * stem_0_filters, stem_filters, stem_1_filters, 2, rates[1], bn_momentum)
+        symmetric = padding == "mindcv"
+        self.cell_stem_0 = ReductionCell(
+            stem_filters, None, stem_0_filters, 1, rates[0], bn_momentum, padding, symmetric
+        )
+        self.cell_stem_1 = ReductionCell(
+            4 * stem_0_filters, stem_filters, stem_1_filters, 2, rates[1], bn_momentum, padding, symmetric
+        )
         # Each cell sees (x, prev) = (previous output, the output before it); prev_stride is their size ratio.
         in_ch, prev_ch, prev_stride = 4 * stem_1_filters, 4 * stem_0_filters, 2
         blocks = []
         for stack in range(3):
             stack_filters = filters * FILTER_MULTIPLIER**stack
             if stack > 0:
+                rate = rates[len(blocks) + 2]
                 blocks.append(
-                    ReductionCell(in_ch, prev_ch, stack_filters, prev_stride, rates[len(blocks) + 2], bn_momentum)
+                    ReductionCell(
+                        in_ch, prev_ch, stack_filters, prev_stride, rate, bn_momentum, padding, symmetric and stack == 2
+                    )
                 )
                 in_ch, prev_ch, prev_stride = 4 * stack_filters, in_ch, 2
             for _ in range(num_blocks):

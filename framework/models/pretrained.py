@@ -56,13 +56,15 @@ class LoadReport:
     source: str
     head: tuple[int, int] | None = None  # (classes in the file, classes of the model) when re-initialised
     ignored: dict[str, int] = field(default_factory=dict)  # kind of tensor → count
+    initialised: dict[str, int] = field(default_factory=dict)  # part the source's model lacks → its tensors
     variant: dict = field(default_factory=dict)  # model settings taken from the source (registry.weights_variant)
 
     def line(self) -> str:
         source = self.source + (f" (built as its source: {_settings(self.variant)})" if self.variant else "")
         head = f"head re-initialised: {self.head[0]} → {self.head[1]} classes" if self.head else "head loaded"
         ignored = ", ".join(f"{count} {kind}" for kind, count in self.ignored.items()) or "none"
-        return f"loaded {self.loaded} tensors from {source}; {head}; ignored: {ignored}"
+        absent = "".join(f"; {part} initialised: not in the file ({n} tensors)" for part, n in self.initialised.items())
+        return f"loaded {self.loaded} tensors from {source}; {head}{absent}; ignored: {ignored}"
 
 
 def _settings(values: dict) -> str:
@@ -111,16 +113,22 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 def load_pretrained(network: nn.Cell, weights: WeightsFile | str | Path, head: HeadPolicy = "auto") -> LoadReport:
     """Load ``weights`` (a file, or one as read) into ``network`` (mapped by its family's table); the classifier is
     re-initialised when its class count differs or the file has none (``head="auto"``), always (``"reset"``) or
-    never (``"keep"``: another class count is an error)."""
+    never (``"keep"``: another class count is an error). Parts the source's model lacks (the family's
+    ``absent_parts``: mindcv's NASNet has no aux head) keep the model's initialisation."""
     weights = weights if isinstance(weights, WeightsFile) else read_weights(weights)
     targets = {p.name: p for p in network.get_parameters()}
     mapped, ignored = _rename(network, weights, targets)
     heads = {name for name in targets if name.startswith(tuple(f"{h}." for h in _classifiers(network)))}
     reset = _head_reset(network, mapped, targets, head)
     report = LoadReport(0, weights.described, head=reset, ignored=ignored)
+    absent = getattr(type(network), "absent_parts", {}).get(weights.source, ())
     for name, param in targets.items():
         if reset is not None and name in heads:
             mapped.pop(name, None)  # keeps the model's own initialisation
+            continue
+        part = name.split(".")[0]
+        if name not in mapped and part in absent:
+            report.initialised[part] = report.initialised.get(part, 0) + 1
             continue
         if name not in mapped:
             raise PretrainedError(f"{weights.described} has no tensor for {name} {tuple(param.shape)}")
