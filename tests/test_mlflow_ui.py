@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from playwright.sync_api import Page, sync_playwright
@@ -31,6 +32,7 @@ SHOTS = PROJECT_ROOT / "outputs" / "ui-screenshots"
 VIEWPORT = {"width": 1600, "height": 1000}
 SETTLE_MS = 8000  # the single-page app fetches its data after the first paint
 ROW_EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the +/- left of a run name (an icon, no label)
+T = TypeVar("T")
 
 
 def run_py(tmp_path: Path, *overrides: str) -> str:
@@ -145,6 +147,17 @@ def open_page(page: Page, url: str) -> str:
     return page.inner_text("body")
 
 
+def settled(page: Page, read: Callable[[], T], done: Callable[[T], bool], seconds: float = 60) -> T:
+    """``read()`` once ``done`` holds of it, or as it is after ``seconds``: the app fills the screen in as its
+    requests return, later on a busy machine than any fixed pause allows for."""
+    deadline = time.monotonic() + seconds
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+        value = read()
+    return value
+
+
 def shoot(page: Page, name: str, height: int = VIEWPORT["height"]) -> None:
     """A screenshot of what the window shows (``height`` px tall: the app scrolls inside its own panes)."""
     page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
@@ -157,14 +170,22 @@ def check_runs_table(page: Page, base: str, pages: dict, names: dict, run: dict)
     the sweep parent expands to its trials; every name is on screen whole and differs from the others."""
     page.set_viewport_size({"width": 1920, "height": VIEWPORT["height"]})  # the grid draws visible columns only
     text = open_page(page, pages["all runs"])
-    headers = [" ".join(h.split()) for h in page.locator(".ag-header-cell").all_inner_texts()]
-    assert {"best_val_top1", "val_top1", "val_loss", "scheduler.lr"} <= set(headers), headers
+    columns = {"best_val_top1", "val_top1", "val_loss", "scheduler.lr"}
+    headers = settled(
+        page,
+        lambda: {" ".join(h.split()) for h in page.locator(".ag-header-cell").all_inner_texts()},
+        lambda shown: columns <= shown,
+    )
+    assert columns <= headers, headers
     parent = next(i for i, name in names.items() if name.startswith("sweep "))
     page.locator(f'.ag-row[row-id="{parent}"]').locator(ROW_EXPANDER).first.click()
-    page.wait_for_timeout(2500)
     links = page.locator(".ag-cell[col-id='attributes.`Run Name`'] a")
-    shown = [" ".join(c.split()) for c in links.all_inner_texts()]
-    assert sorted(shown) == sorted(names.values()), (shown, text[-1500:])
+    shown = settled(
+        page,
+        lambda: sorted(" ".join(c.split()) for c in links.all_inner_texts()),
+        lambda shown: shown == sorted(names.values()),
+    )
+    assert shown == sorted(names.values()), (shown, text[-1500:])
     truncated = links.evaluate_all(  # a name cut with an ellipsis is wider than its box
         "links => links.filter(a => [a, ...a.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1))"
         ".length"
