@@ -214,6 +214,17 @@ def test_cli_reports_config_error_and_exit_code(tmp_path):
     assert_no_runs(tmp_path)
 
 
+def test_mindspores_compile_cache_is_refused(tmp_path):
+    """MS_COMPILER_CACHE_ENABLE=1 would let run.py execute graphs cached for another model: one line, exit 2."""
+    command = [sys.executable, "run.py", f"tracking.local_store={tmp_path / 'mlflow'}", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(tmp_path / "cache")}
+    proc = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("config error: MS_COMPILER_CACHE_ENABLE=1 (environment): ") and "Fix: unset" in line
+    assert_no_runs(tmp_path)
+
+
 def test_target_from_a_yaml_outside_the_allowlist_is_never_imported(tmp_path):
     """A model config in a user's config folder naming ``os.system`` fails the check; the command never runs."""
     marker = tmp_path / "pwned"

@@ -17,6 +17,14 @@ from framework.runtime.world import World, is_msrun_process
 from framework.schema import NonNegative, Positive, Range
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+# Measured with MindSpore 2.8 (issue 21): its compile cache keys a process's graphs by the script's hash and their
+# order, so one script compiling other networks (run.py with another model, size or task) gets the graphs cached
+# for the earlier ones: two Dense cells compiled in swapped order returned each other's output shapes, no error.
+COMPILE_CACHE_UNSAFE = (
+    "MS_COMPILER_CACHE_ENABLE=1 (environment): MindSpore's compile cache checks only the script, so a run of "
+    "run.py with another model, size or task can execute graphs compiled for an earlier one (measured: wrong "
+    "output shapes, no error). Fix: unset MS_COMPILER_CACHE_ENABLE"
+)
 
 
 @dataclass
@@ -50,7 +58,10 @@ class Hardware:
             )
 
     def check_available(self) -> None:
-        """Refuse, before anything runs, a device target this MindSpore build cannot use (a GPU on a CPU build)."""
+        """Refuse, before anything runs, a device target this MindSpore build cannot use (a GPU on a CPU build),
+        and MindSpore's compile cache, which is unsafe for run.py (``COMPILE_CACHE_UNSAFE``)."""
+        if os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
+            raise ConfigError(COMPILE_CACHE_UNSAFE)
         if self.device_target == "CPU":
             return
         if not ms.hal.is_available(self.device_target):

@@ -33,10 +33,10 @@ def prepare(cfg: DictConfig) -> Hardware:
     Everything that can be checked without running is checked here, before any MLflow run exists: the config,
     the device this MindSpore build can use, and a local MLflow store that can be written."""
     check_config(cfg)  # as framework.tasks.execute did: again for a task called directly (tests, notebooks)
-    print_config(cfg)
     hardware = build(cfg, "hardware")
     hardware.check_available()
     build(cfg, "tracking").check_writable()
+    print_config(cfg)  # once nothing is refused: a refusal is its one line alone
     return hardware
 
 
