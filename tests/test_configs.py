@@ -134,8 +134,8 @@ def test_debug_choices_compose(make_config, debug):
 # --- the schema: every setting declared next to its parameter ---------------------------------
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
-# What a choice needs besides itself to compose (benchmark settings live in task=benchmark).
-NEEDS = {"benchmark": ["task=benchmark"]}
+# What a choice needs besides itself to compose (benchmark settings live in task=benchmark, inference in eval).
+NEEDS = {"benchmark": ["task=benchmark"], "inference": ["task=eval"]}
 
 
 @pytest.mark.parametrize("group", GROUPS)

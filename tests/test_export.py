@@ -12,8 +12,9 @@ import pytest
 
 from framework.config import ConfigError
 from framework.engine import save_checkpoint
+from framework.engine.export import ExportUnsupported, load_exported
 from framework.models import create_model
-from framework.tasks.export import ExportMismatch, ExportUnsupported, export, load_exported
+from framework.tasks.export import ExportMismatch, export
 from tests.conftest import all_runs, compose_config, mlflow_client, served_model
 
 pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them

@@ -45,9 +45,14 @@ def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
         for fmt in ("MINDIR", "ONNX")
     }
     results = {}
-    for name, model in {"ckpt": ckpt, **exported}.items():
+    runs = {  # the checkpoint as it is (the reference), through ONNX Runtime (what auto picks on a CPU), the files
+        "ckpt": (ckpt, ["inference.engine=mindspore"]),
+        "ckpt_onnxruntime": (ckpt, ["inference.engine=auto"]),
+        **{fmt: (path, []) for fmt, path in exported.items()},
+    }
+    for name, (model, engine) in runs.items():
         cfg = compose_config(["task=predict", *SIZE, f"ckpt={model}", f"input={images}", "predict.top_k=3",
-                              "predict.batch_size=3"], tmp_path / f"predict_{name}")  # fmt: skip
+                              "predict.batch_size=3", *engine], tmp_path / f"predict_{name}")  # fmt: skip
         results[name] = predict(cfg)
         run_dir = tmp_path / f"predict_{name}" / "run"
         saved = json.loads((run_dir / "predictions.json").read_text())
@@ -67,7 +72,7 @@ def test_predictions_agree_across_checkpoint_mindir_and_onnx(tmp_path):
     cfg = compose_config(["task=predict", *SIZE, f"ckpt={exported['MINDIR']}", f"input={images}", "predict.top_k=3",
                           "predict.batch_size=3"], tmp_path / "predict_fixed")  # fmt: skip
     results["fixed batch MINDIR"] = predict(cfg)
-    for name in ("MINDIR", "ONNX", "fixed batch MINDIR"):  # class names come from the classes.json beside the file
+    for name in ("ckpt_onnxruntime", "MINDIR", "ONNX", "fixed batch MINDIR"):  # files: classes.json beside them
         for got, want in zip(results[name], reference, strict=True):
             assert [c["class"] for c in got["top_k"]] == [c["class"] for c in want["top_k"]]
             assert np.allclose([c["probability"] for c in got["top_k"]], [c["probability"] for c in want["top_k"]],

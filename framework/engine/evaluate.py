@@ -6,20 +6,21 @@ import mindspore.dataset as ds
 import mindspore.nn as nn
 import numpy as np
 
+from framework.engine.inference import Forward, mindspore_forward
 from framework.runtime.world import SINGLE_PROCESS, World
 
 
-def evaluate(network: nn.Cell, loader: ds.Dataset, world: World = SINGLE_PROCESS) -> dict[str, float]:
-    """Run ``network`` in inference mode over ``loader``; metrics are exact sums over every sample.
+def evaluate(model: nn.Cell | Forward, loader: ds.Dataset, world: World = SINGLE_PROCESS) -> dict[str, float]:
+    """Run ``model`` (a network, in inference mode, or an engine's images → logits) over ``loader``; metrics are
+    exact sums over every sample.
 
     With several ranks each passes its shard of the split and the sums are added over ranks, so every
     rank returns the metrics of the whole split.
     """
-    network.set_train(False)
+    forward = mindspore_forward(model) if isinstance(model, nn.Cell) else model
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for images, labels in loader.create_tuple_iterator(num_epochs=1):
-        logits = network(images).asnumpy().astype(np.float64)
-        labels = labels.asnumpy()
+    for images, labels in loader.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        logits = forward(images).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())

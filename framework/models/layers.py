@@ -45,7 +45,7 @@ class StemMaxPool(nn.Cell):
     non-negative, and exports to ONNX; ``nn.MaxPool2d(pad_mode="pad")`` lowers to MaxPool3DWithArgmax,
     which MindSpore 2.8's ONNX exporter refuses. The zero border is concatenated: MindSpore's CPU ``Pad``
     kernel made this layer ~5 % of ResNeXt-50's step, concatenation a quarter of that. Export sets
-    ``concat_border = False`` (``tasks.export.exportable``): the traced concatenation would fix the batch size.
+    ``concat_border = False`` (``engine.export.exportable``): the traced concatenation would fix the batch size.
 
     ``padding="same"`` pads as TensorFlow and MindSpore's ``pad_mode="same"`` do (mindcv's ResNets): an even side
     gets its one pixel after the map only, which shifts the pooling windows by one pixel.

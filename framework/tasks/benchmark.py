@@ -5,7 +5,8 @@ Measurements (``benchmark.measure``):
 - ``train_step``: our compiled train step (``engine`` config: amp, loss scale, clipping, accumulation) as the
   Trainer drives it, with the loss and finite flag read back every step; also the time from process start to
   the end of the first step (imports, model build, graph compile) and the peak RSS;
-- ``eval``: the network's inference forward, img/s;
+- ``eval``: the network's inference forward as ``task=eval`` runs it (the ``inference`` config's engine: ONNX
+  Runtime on the CPU where it computes what MindSpore does) and as MindSpore runs it, img/s;
 - ``hand_loop``: two minimal hand-written MindSpore steps on the same network, loss and optimizer, no
   framework step: ``value_and_grad`` + ``ms.jit`` (MindSpore's tutorial form) and ``nn.TrainOneStepCell``
   (what ``mindspore.Model`` runs); the framework's overhead is measured against the faster of the two;
@@ -40,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from framework.config import ConfigError, build
+from framework.engine.inference import mindspore_forward
 from framework.engine.losses import HeadsLoss
 from framework.errors import UserError
 from framework.optim.schedules import UpdateLr
@@ -131,17 +133,9 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
             results["eval_ratio_vs_timm"] = results["eval_img_per_s"] / results["timm_eval_img_per_s"]
     if "data_img_per_s" in results and "train_step_img_per_s" in results:
         results["data_over_train_step"] = results["data_img_per_s"] / results["train_step_img_per_s"]
-    tracker = build(cfg, "tracking")
-    tracker.experiment_name += "-benchmarks"  # measurements, kept out of the training runs' charts
-    tags, name = run_tags(cfg, "benchmark"), run_name(cfg, "benchmark")
-    with stop_signals_interrupt(), tracker.start_run(tags, run_name=name) as run:
-        log_run_spec(run, cfg)
-        run.set_tags({**({"timm_model": timm_model} if timm_model else {}), **versions})
-        run.log_metrics(results, step=0)
-        run.log_text(json.dumps(results, indent=2), "benchmark/results.json")
-        for profile in sorted(work_dir.glob("profile_*.csv")):
-            run.log_artifact(profile, "benchmark")
-    console.print(results_table(cfg, bench, timm_model, results))
+    engine = results.pop("eval_engine", None)
+    run = log_benchmark(cfg, results, {"timm_model": timm_model, "inference_engine": engine, **versions}, work_dir)
+    console.print(results_table(cfg, bench, timm_model, results, engine))
     for profile in sorted(work_dir.glob("profile_*.csv")):
         console.print(profile_table(profile))
     print_summary(
@@ -150,8 +144,11 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-def results_table(cfg: DictConfig, bench: Benchmark, timm_model: str | None, results: dict[str, float]) -> Table:
-    """One row per implementation (ours, the hand-written loops, timm): train and eval img/s, start-up, memory."""
+def results_table(
+    cfg: DictConfig, bench: Benchmark, timm_model: str | None, results: dict[str, float], engine: str | None = None
+) -> Table:
+    """One row per implementation (ours, the hand-written loops, timm): train and eval img/s, start-up, memory;
+    our eval on the engine task=eval runs (``engine``), and on MindSpore."""
     table = Table(
         title=f"{cfg.model.name}: {bench.image_size} px, batch {bench.batch_size}, "
         f"{bench.threads or 'default'} threads, {cfg.hardware.device_target}"
@@ -172,6 +169,8 @@ def results_table(cfg: DictConfig, bench: Benchmark, timm_model: str | None, res
         "ours", cell("train_step_img_per_s"), cell("eval_img_per_s"), cell("time_to_first_step_s"),
         cell("peak_rss_mb", 0), "1.00" if "train_step_img_per_s" in results else "-",
     )  # fmt: skip
+    if "eval_mindspore_img_per_s" in results and engine and not engine.startswith("mindspore"):
+        table.add_row("ours, eval on MindSpore", "", cell("eval_mindspore_img_per_s"), "", "", "")
     if "hand_jit_img_per_s" in results:
         table.add_row("hand: jit", cell("hand_jit_img_per_s"), "", "", "", versus_ours("hand_jit_img_per_s"))
         table.add_row("hand: cell", cell("hand_cell_img_per_s"), "", "", "", versus_ours("hand_cell_img_per_s"))
@@ -185,6 +184,10 @@ def results_table(cfg: DictConfig, bench: Benchmark, timm_model: str | None, res
         notes.append(f"framework overhead vs the faster hand loop: {results['framework_overhead_pct']:.1f} %")
     if "train_ratio_vs_timm" in results:
         notes.append(f"ours/timm train {results['train_ratio_vs_timm']:.2f}")
+    if "eval_ratio_vs_timm" in results:
+        notes.append(f"ours/timm eval {results['eval_ratio_vs_timm']:.2f}")
+    if engine:
+        notes.append(f"eval engine: {engine}")
     if "data_img_per_s" in results:
         notes.append(f"data pipeline {results['data_img_per_s']:.0f} img/s")
     table.caption = "; ".join(notes)
@@ -208,6 +211,24 @@ def profile_table(path: Path, rows: int = 8) -> Table:
             f"{float(op['percent']):.1f}",
         )
     return table
+
+
+def log_benchmark(cfg: DictConfig, results: dict[str, float], tags: dict[str, str | None], work_dir: Path) -> Any:
+    """A run of its own in the ``<experiment>-benchmarks`` experiment (kept out of the training runs' charts):
+    the run spec, ``tags`` that are set, every figure as a metric and in ``benchmark/results.json``, profiles."""
+    tracker = build(cfg, "tracking")
+    tracker.experiment_name += "-benchmarks"
+    with (
+        stop_signals_interrupt(),
+        tracker.start_run(run_tags(cfg, "benchmark"), run_name=run_name(cfg, "benchmark")) as run,
+    ):
+        log_run_spec(run, cfg)
+        run.set_tags({key: value for key, value in tags.items() if value})
+        run.log_metrics(results, step=0)
+        run.log_text(json.dumps(results, indent=2), "benchmark/results.json")
+        for profile in sorted(work_dir.glob("profile_*.csv")):
+            run.log_artifact(profile, "benchmark")
+    return run
 
 
 def mindspore_worker_command() -> list[str]:
@@ -286,14 +307,9 @@ def measure_mindspore(cfg: DictConfig, bench: Benchmark, work_dir: Path) -> dict
     for _ in range(bench.warmup_steps):
         framework_step()
     loops: dict[str, Callable[[], Any]] = {"train_step": framework_step}
+    results["peak_rss_mb"] = peak_rss_mb()  # training's, before eval's engine (an export, an ONNX Runtime session)
     if "eval" in bench.measure:
-        network.set_train(False)
-        network(images).asnumpy()
-        results["eval_img_per_s"] = images_per_second(
-            lambda: network(images).asnumpy(), bench.batch_size, bench.steps, bench.rounds
-        )
-        network.set_train(True)
-    results["peak_rss_mb"] = peak_rss_mb()
+        results.update(measure_eval(cfg, bench, network, images.asnumpy(), work_dir))
     if "hand_loop" in bench.measure:
         for name, loop in (("hand_jit", hand_jit_loop), ("hand_cell", hand_cell_loop)):
             hand_network = build(cfg, "model", num_classes=bench.num_classes)
@@ -313,6 +329,23 @@ def measure_mindspore(cfg: DictConfig, bench: Benchmark, work_dir: Path) -> dict
         results["framework_overhead_pct"] = 100 * (1 - results["train_step_img_per_s"] / fastest_hand)
     if bench.profile:
         profile_train_step(framework_step, bench.steps, work_dir)
+    return results
+
+
+def measure_eval(
+    cfg: DictConfig, bench: Benchmark, network: nn.Cell, images: np.ndarray, work_dir: Path
+) -> dict[str, Any]:
+    """Eval img/s on the engine ``task=eval`` runs (``eval_engine`` says which) and on MindSpore."""
+    forward, engine = build(cfg, "inference").forward(
+        network, bench.image_size, cfg.hardware.device_target, work_dir / "inference"
+    )
+    results: dict[str, Any] = {"eval_engine": engine}
+    for name, run in (("eval", forward), ("eval_mindspore", mindspore_forward(network))):
+        run(images)
+        results[f"{name}_img_per_s"] = images_per_second(
+            lambda run=run: run(images), bench.batch_size, bench.steps, bench.rounds
+        )
+    network.set_train(True)
     return results
 
 

@@ -35,17 +35,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     data = build(cfg, "dataset")
     network = build_model(cfg, data.num_classes, settings=written.get("model_settings"))
     meta = load_weights(cfg, checkpoint, network)
+    forward, engine = build(cfg, "inference").forward(
+        network, data.eval_image_size, cfg.hardware.device_target, Path(cfg.paths.run_dir) / "inference"
+    )
     source_run_id = uri_run_id or meta.get("mlflow_run_id")
-    tags = derived_run_tags(tracker, run_tags(cfg, "eval"), source_run_id)
+    tags = derived_run_tags(tracker, {**run_tags(cfg, "eval"), "inference_engine": engine}, source_run_id)
     with stop_signals_interrupt(), tracker.start_run(tags, run_name=run_name(cfg, "eval")) as run:
         log_run_spec(run, cfg)
-        metrics = {f"val_{k}": v for k, v in evaluate(network, data.loader("val")).items()}
+        metrics = {f"val_{k}": v for k, v in evaluate(forward, data.loader("val")).items()}
         run.log_metrics({**metrics, "epoch": meta.get("epoch", 0)}, step=training_update(meta))
     print_summary(
         "evaluation finished",
         {
             "checkpoint": f"{cfg.ckpt}" + (f" (epoch {meta['epoch']})" if "epoch" in meta else ""),
             "metrics": format_metrics(metrics),
+            "engine": engine,
             "mlflow run": f"{run.run_name} ({run.run_id}), source run {source_run_id or '-'}",
             "mlflow ui": tracker.ui_command(),
             "run page": tracker.run_url(run.run_id) or "-",

@@ -1,7 +1,7 @@
 """``task=export``: a checkpoint as a deployable model file (MINDIR, ONNX, AIR), checked against MindSpore.
 
 The network is exported in inference mode (NASNet's auxiliary head is off, Conformer's two heads are
-summed as at evaluation; for ONNX exact GELUs are written with an erf polynomial, see ``ErfGELU``)
+summed as at evaluation; for ONNX exact GELUs are written with an erf polynomial, see ``engine.export.ErfGELU``)
 for a fixed input of ``export.batch_size`` × 3 × size × size, size being the
 dataset's eval size. Before anything is logged the exported file is run (MINDIR through
 ``nn.GraphCell``, ONNX through onnxruntime) on the same random batch as the network itself, and
@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import mindspore as ms
-import mindspore.nn as nn
-import mindspore.ops as ops
 import numpy as np
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
+from framework.engine.export import FORMATS, accepts_any_batch, declare_batch, export_network, load_exported
 from framework.errors import UserError
-from framework.models.layers import StemMaxPool
 from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import Positive
 from framework.tasks.common import (
@@ -43,8 +39,6 @@ from framework.tasks.common import (
 )
 from framework.tracking import MlflowRun
 from framework.tracking.naming import run_name
-
-FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
 
 @dataclass
@@ -62,92 +56,10 @@ class Export:
             raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got '{self.format}'")
 
 
-class ErfGELU(nn.Cell):
-    """Exact GELU, x·Φ(x), with erf from Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7) in ops ONNX has.
-
-    MindSpore 2.8's ONNX exporter has no Erf (nor Sign), which exact ``nn.GELU`` needs; this form differs
-    from it by < 1e-6 (measured) and exports. Used for export only, training keeps ``nn.GELU``.
-    """
-
-    def construct(self, x: ms.Tensor) -> ms.Tensor:
-        z = x * 0.7071067811865476
-        a = ops.abs(z)
-        t = 1.0 / (1.0 + 0.3275911 * a)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-        erf = z / (a + 1e-20) * (1.0 - poly * ops.exp(-a * a))  # z / |z| is sign(z), which has no ONNX export
-        return 0.5 * x * (1.0 + erf)
-
-
-def exportable(network: nn.Cell, file_format: str) -> nn.Cell:
-    """``network`` with stem pools padded with ``Pad`` instead of a concatenated border (which fixes the batch
-    size in an exported graph) and, for ONNX, each exact ``nn.GELU`` replaced by ``ErfGELU``; in place, the
-    computation unchanged."""
-    for _, cell in list(network.cells_and_names()):
-        if isinstance(cell, StemMaxPool):
-            cell.concat_border = False
-        for name, child in list(cell.name_cells().items()):
-            if file_format == "ONNX" and isinstance(child, nn.GELU) and child.approximate == "none":
-                setattr(cell, name, ErfGELU())
-    return network
-
-
 class ExportMismatch(UserError, RuntimeError):
     """The exported model does not compute what the MindSpore network computes."""
 
     kind = "export error"
-
-
-class ExportUnsupported(UserError, RuntimeError):
-    """MindSpore cannot write an operator of the model in the requested format."""
-
-    kind = "export error"
-
-
-def export_network(network: nn.Cell, example: np.ndarray, path: Path, file_format: str) -> Path:
-    """Write ``network`` (in inference mode) for inputs shaped like ``example``; returns the file written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = str(path.with_suffix(""))
-    if file_format == "ONNX":
-        from mindspore.onnx import export as onnx_export  # ms.export(..., "ONNX") is deprecated for this
-
-        try:
-            onnx_export(
-                exportable(network, file_format),
-                ms.Tensor(example),
-                file_name=stem,
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        except RuntimeError as err:
-            unsupported = re.search(r"Exporting (\w+) operator is not yet supported", str(err))
-            if unsupported is None:
-                raise
-            raise ExportUnsupported(
-                f"MindSpore {ms.__version__} cannot export the {unsupported.group(1)} operator to ONNX, which this "
-                f"model uses for input {list(example.shape)}. Export MINDIR instead, or another input size "
-                "(e.g. NFNet pools odd-sized maps with AvgPool3D; even sizes such as 192, 224 or 256 export)"
-            ) from err
-    else:
-        ms.export(exportable(network, file_format), ms.Tensor(example), file_name=stem, file_format=file_format)
-    written = Path(stem + FORMATS[file_format])
-    if not written.is_file():
-        raise RuntimeError(f"MindSpore reported no error but wrote no {file_format} file at {written}")
-    return written
-
-
-def load_exported(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function images → logits running an exported MINDIR (``nn.GraphCell``) or ONNX (onnxruntime) file."""
-    if path.suffix == ".onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda images: session.run(None, {name: images.astype(np.float32)})[0]
-    if path.suffix == ".mindir":
-        cell = nn.GraphCell(ms.load(str(path)))
-        return lambda images: cell(ms.Tensor(images.astype(np.float32))).asnumpy()
-    raise ValueError(f"cannot run {path}: only .mindir and .onnx files run here (AIR runs on Ascend)")
 
 
 @dataclass
@@ -211,12 +123,12 @@ def _check_parity(exported: Exported, spec: Export) -> Exported:
         return exported
     path, example = exported.path, exported.example
     if spec.format == "ONNX":  # as asked of the exporter; MindSpore declares the traced batch on outputs
-        _declare_batch(path, "batch")
+        declare_batch(path, "batch")
     run_exported = load_exported(path)
     exported.max_abs_diff = float(np.abs(run_exported(example) - exported.reference).max())
-    exported.any_batch = _accepts_any_batch(run_exported, example)
+    exported.any_batch = accepts_any_batch(run_exported, example)
     if not exported.any_batch and spec.format == "ONNX":  # the model's reshapes fix the batch (Conformer): say so
-        _declare_batch(path, len(example))
+        declare_batch(path, len(example))
     if not exported.max_abs_diff <= spec.tolerance * exported.logit_scale:
         raise ExportMismatch(
             f"the exported {spec.format} model differs from the MindSpore network by {exported.max_abs_diff:.3g} "
@@ -262,30 +174,6 @@ def _print_export_summary(exported: Exported, spec: Export, run: MlflowRun, sour
         model_uri = f"runs:/{run.run_id}/model"
         rows["mlflow model"] = f"{model_uri}  (serve: mlflow models serve -m {model_uri} --env-manager local)"
     print_summary("export finished", rows)
-
-
-def _accepts_any_batch(run_exported: Callable[[np.ndarray], np.ndarray], example: np.ndarray) -> bool:
-    """Whether the exported model also runs on another batch size (Conformer's reshapes fix the batch)."""
-    try:
-        return run_exported(np.concatenate([example, example[:1]])).shape[0] == len(example) + 1
-    except Exception:  # onnxruntime / GraphCell refuse the shape
-        return False
-
-
-def _declare_batch(path: Path, batch: int | str) -> None:
-    """Declare the ONNX graph's batch axes as ``batch``: a size, or a name (any size). MindSpore declares the
-    traced batch on the outputs even for a symbolic input batch, which onnxruntime warns about on every other
-    batch size."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for value in [*model.graph.input, *model.graph.output]:
-        dim = value.type.tensor_type.shape.dim[0]
-        if isinstance(batch, int):
-            dim.dim_value = batch
-        else:
-            dim.dim_param = batch
-    onnx.save(model, str(path))
 
 
 def _log_onnx_model(

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mindspore as ms
 import mindspore.dataset.transforms as T
 import numpy as np
 from mlflow.artifacts import download_artifacts
@@ -28,8 +27,8 @@ from rich.progress import Progress
 from framework.config import ConfigError, build
 from framework.data.folder import IMAGE_EXTENSIONS
 from framework.data.transforms import eval_ops
+from framework.engine.export import load_exported
 from framework.tasks.common import console, load_trained_network, prepare, print_summary, resolve_checkpoint
-from framework.tasks.export import load_exported
 from framework.tasks.pyfunc_model import eval_transform_args, probabilities
 
 FORMATS = {".ckpt": "ckpt", ".mindir": "mindir", ".onnx": "onnx"}
@@ -51,7 +50,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             f"ckpt={cfg.ckpt} is a '{model_path.suffix}' file but format={cfg.format}: give a .ckpt, .mindir or "
             ".onnx file (format=ckpt|mindir|onnx, or null to go by the suffix)"
         )
-    run_logits, class_names, fixed_batch = _load_model(cfg, kind, model_path, run_id, tracker)
+    run_logits, class_names, fixed_batch, engine = _load_model(cfg, kind, model_path, run_id, tracker)
     transform = T.Compose(eval_ops(*eval_transform_args(cfg)))
     batch_size = fixed_batch or int(opts.batch_size)
 
@@ -82,6 +81,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         "prediction finished",
         {
             "model": f"{cfg.ckpt} ({kind})",
+            "engine": engine,
             "images": f"{len(records)} predicted, {len(skipped)} unreadable (skipped)",
             "results": f"{run_dir / 'predictions.csv'}, {run_dir / 'predictions.json'}",
         },
@@ -105,14 +105,18 @@ def _image_files(source: str | None) -> list[Path]:
 
 def _load_model(
     cfg: DictConfig, kind: str, path: Path, run_id: str | None, tracker: Any
-) -> tuple[Callable[[np.ndarray], np.ndarray], list[str] | None, int | None]:
-    """(images → logits, class names or None, the model's fixed batch size or None)."""
+) -> tuple[Callable[[np.ndarray], np.ndarray], list[str] | None, int | None, str]:
+    """(images → logits, class names or None, the model's fixed batch size or None, the engine running it)."""
     if kind == "ckpt":
         network, meta = load_trained_network(cfg, path)
-        return (lambda images: network(ms.Tensor(images)).asnumpy()), meta.get("class_names"), None
+        forward, engine = build(cfg, "inference").forward(
+            network, eval_transform_args(cfg)[0], cfg.hardware.device_target, Path(cfg.paths.run_dir) / "inference"
+        )
+        return forward, meta.get("class_names"), None, engine
     classes = _beside_or_logged(path, "classes.json", run_id, "data/classes.json", tracker)
     names = json.loads(classes.read_text())["classes"] if classes is not None else None
-    return load_exported(path), names, _fixed_batch(cfg, kind, path, run_id, tracker)
+    engine = {"onnx": "onnxruntime (the exported file)", "mindir": "mindspore (the exported file)"}[kind]
+    return load_exported(path), names, _fixed_batch(cfg, kind, path, run_id, tracker), engine
 
 
 def _beside_or_logged(path: Path, name: str, run_id: str | None, artifact: str, tracker: Any) -> Path | None:
