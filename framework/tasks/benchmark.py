@@ -170,7 +170,7 @@ def results_table(
         cell("peak_rss_mb", 0), "1.00" if "train_step_img_per_s" in results else "-",
     )  # fmt: skip
     if "eval_mindspore_img_per_s" in results and engine and not engine.startswith("mindspore"):
-        table.add_row("ours, eval on MindSpore", "", cell("eval_mindspore_img_per_s"), "", "", "")
+        table.add_row("on MindSpore", "", cell("eval_mindspore_img_per_s"), "", "", "")
     if "hand_jit_img_per_s" in results:
         table.add_row("hand: jit", cell("hand_jit_img_per_s"), "", "", "", versus_ours("hand_jit_img_per_s"))
         table.add_row("hand: cell", cell("hand_cell_img_per_s"), "", "", "", versus_ours("hand_cell_img_per_s"))
