@@ -21,6 +21,7 @@ from framework.tasks.benchmark import (
     hand_jit_loop,
     in_fresh_process,
 )
+from framework.tasks.benchmark_table import BEGIN, END, benchmark_table
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
 
 pytestmark = pytest.mark.slow  # end-to-end jobs: python -m pytest -m "not slow" skips them
@@ -91,6 +92,28 @@ def test_benchmark_side_by_side_with_timm_and_op_profiles(tmp_path):
         (row,) = [r for r in rows if r["op"] == conv]
         assert float(row["calls_per_step"]) == 53  # ResNeXt-50 has 53 convolutions
         assert float(row["ms_per_step"]) > 0
+
+
+def test_the_readme_table_is_measured_row_by_row_and_written_between_its_markers(tmp_path):
+    pytest.importorskip("timm")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    rows = "benchmark_table.rows=[[resnext50,16,2]]"
+    short = ["benchmark_table.rounds=1", "benchmark_table.steps=1", f"benchmark_table.readme={readme}"]
+    benchmark_table(compose_config(["task=benchmark_table", rows, *short], tmp_path))
+    text = readme.read_text()
+    assert text.startswith(f"# title\nbefore\n{BEGIN}\nMeasured ") and text.endswith(f"{END}\nafter\n")
+    assert "old table" not in text and "by `python run.py task=benchmark_table` on " in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| ResNeXt-50")]
+    # the figures of the row's own benchmark run, as a user typing its command gets them
+    runs = {r.data.tags["task"]: r for r in all_runs(mlflow_client(tmp_path))}
+    measured = runs["benchmark"].data.metrics
+    assert runs["benchmark"].data.params["benchmark.image_size"] == "16"
+    train = f"{measured['train_step_img_per_s']:,.1f} / {measured['timm_train_img_per_s']:,.1f}"
+    assert row.startswith(f"| ResNeXt-50 32×4d | 16 | 2 | {train} ({measured['train_ratio_vs_timm']:.2f}) |"), row
+    assert f"| {measured['eval_mindspore_img_per_s']:.1f} |" in row
+    logged = mlflow_client(tmp_path).list_artifacts(runs["benchmark_table"].info.run_id, "benchmark")
+    assert [f.path for f in logged] == ["benchmark/table.md"]
 
 
 def test_timm_side_without_the_bench_extra_says_how_to_install_it(tmp_path, monkeypatch):
