@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,7 +58,10 @@ def benchmark_table(cfg: DictConfig) -> str:
     if readme is not None and not (readme.is_file() and BEGIN in readme.read_text() and END in readme.read_text()):
         raise ConfigError(f"benchmark_table.readme={readme}: no such file with {BEGIN} ... {END} in it")
     run_dir = Path(cfg.paths.run_dir)
-    rows = [measure_row(cfg, spec, model, size, batch, run_dir / f"{model}_{size}") for model, size, batch in spec.rows]
+    rows = []
+    for number, (model, size, batch) in enumerate(spec.rows, 1):
+        console.print(f"row {number}/{len(spec.rows)}: {model}, {size} px, batch {batch}: ours, then timm")
+        rows.append(measure_row(cfg, spec, model, size, batch, run_dir / f"{model}_{size}"))
     table = markdown_table(rows, spec.rounds)
     if readme is not None:
         write_between_markers(readme, table)
@@ -92,12 +96,15 @@ def measure_row(cfg: DictConfig, spec: TableSpec, model: str, size: int, batch: 
 def markdown_table(rows: list[dict[str, Any]], rounds: int) -> str:
     """The rows as README's table: ours / timm (ratio) per figure; the date, versions and machine above it."""
     versions = rows[0]["timm"]["versions"] if rows else {}
-    lines = [
+    about = (
         f"Measured {datetime.date.today():%Y-%m-%d} by `python run.py task=benchmark_table` on {cpu_name()} "
         f"({os.cpu_count()} cores, {memory_gib():.0f} GiB; MindSpore {ms.__version__}, torch "
         f"{versions.get('torch', '-')}, timm {versions.get('timm', '-')}; 1000 classes, 2 threads, SGD momentum; "
         f"img/s, median of {rounds} rounds; ours / timm (ratio)). Our eval runs on the engine `task=eval` uses "
-        '(`inference`); "eval on MindSpore" is the network run by MindSpore itself:',
+        '(`inference`); "eval on MindSpore" is the network run by MindSpore itself:'
+    )
+    lines = [
+        textwrap.fill(about, width=115),
         "",
         "| model | size | batch | train | eval | eval on MindSpore | peak RSS MiB (training) | first step s |",
         "|---|---|---|---|---|---|---|---|",
