@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore as ms
@@ -137,3 +138,32 @@ def declare_batch(path: Path, batch: int | str) -> None:
         else:
             dim.dim_param = batch
     onnx.save(model, str(path))
+
+
+@dataclass
+class Exported:
+    """An exported file and how it was checked: the example input, the network's logits on it, the largest
+    difference of the file's logits (None: not run here) and whether it runs on any batch size."""
+
+    path: Path
+    example: np.ndarray
+    reference: np.ndarray
+    max_abs_diff: float | None = None
+    any_batch: bool = False
+
+    @property
+    def logit_scale(self) -> float:
+        return max(1.0, float(np.abs(self.reference).max()))
+
+    def run_back(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Run the file on the example (``max_abs_diff``) and on another batch size (``any_batch``); the file as
+        images → logits."""
+        forward = load_exported(self.path)
+        self.max_abs_diff = float(np.abs(forward(self.example) - self.reference).max())
+        self.any_batch = accepts_any_batch(forward, self.example)
+        return forward
+
+    def within(self, tolerance: float) -> bool:
+        """Whether the file's logits are the network's within ``tolerance`` × max(1, largest |logit|): float32
+        rounding grows with the logits' magnitude."""
+        return self.max_abs_diff is not None and self.max_abs_diff <= tolerance * self.logit_scale

@@ -20,7 +20,7 @@ import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 
-from framework.engine.export import accepts_any_batch, declare_batch, export_network, load_exported
+from framework.engine.export import Exported, declare_batch, export_network
 from framework.errors import UserError
 from framework.schema import Positive
 
@@ -69,13 +69,13 @@ class Inference:
         except RuntimeError as err:  # an operator it cannot write, or one of its internal errors
             raise NoOnnxRuntime(f"MindSpore could not export it to ONNX: {str(err).strip().splitlines()[0]}") from err
         declare_batch(path, "batch")
-        forward = load_exported(path)
-        difference = float(np.abs(forward(example) - reference).max())
-        if not difference <= self.tolerance * max(1.0, float(np.abs(reference).max())):
+        exported = Exported(path, example, reference)
+        forward = exported.run_back()
+        if not exported.within(self.tolerance):
             raise NoOnnxRuntime(
-                f"the network exported to ONNX differs from MindSpore's by {difference:.3g} (max abs logit "
+                f"the network exported to ONNX differs from MindSpore's by {exported.max_abs_diff:.3g} (max abs logit "
                 f"difference, inference.tolerance={self.tolerance:g}); inference.engine=mindspore runs it as it is"
             )
-        if not accepts_any_batch(forward, example):
+        if not exported.any_batch:
             raise NoOnnxRuntime("the network exported to ONNX runs on one batch size only (its reshapes fix it)")
-        return forward, difference
+        return forward, float(exported.max_abs_diff)

@@ -231,6 +231,11 @@ def log_benchmark(cfg: DictConfig, results: dict[str, float], tags: dict[str, st
     return run
 
 
+def memory_gib() -> float:
+    """This machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def mindspore_worker_command() -> list[str]:
     return [sys.executable, "-c", "from framework.tasks.benchmark import mindspore_worker; mindspore_worker()"]
 
@@ -257,7 +262,7 @@ def in_fresh_process(command: list[str], spec: dict[str, Any], stem: Path) -> di
         if any("No module named 'torch'" in line or "No module named 'timm'" in line for line in tail):
             raise ConfigError('benchmark.measure has timm, which needs the bench extra: pip install -e ".[bench]"')
         if done.returncode == -signal.SIGKILL:
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            memory = memory_gib()
             raise BenchmarkFailed(
                 f"the {stem.name} benchmark process was killed (SIGKILL), most likely out of memory "
                 f"({memory:.0f} GiB here); lower benchmark.batch_size or benchmark.image_size"

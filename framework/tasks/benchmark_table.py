@@ -28,6 +28,7 @@ from framework.errors import UserError
 from framework.paths import PROJECT_ROOT
 from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import Positive
+from framework.tasks.benchmark import memory_gib
 from framework.tasks.common import console, log_run_spec, prepare, print_summary, run_tags
 
 BEGIN, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
@@ -142,7 +143,3 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

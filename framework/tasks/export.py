@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from framework.config import ConfigError, build
-from framework.engine.export import FORMATS, accepts_any_batch, declare_batch, export_network, load_exported
+from framework.engine.export import FORMATS, Exported, declare_batch, export_network
 from framework.errors import UserError
 from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import Positive
@@ -60,22 +60,6 @@ class ExportMismatch(UserError, RuntimeError):
     """The exported model does not compute what the MindSpore network computes."""
 
     kind = "export error"
-
-
-@dataclass
-class Exported:
-    """An exported file and how it was checked: the example input, the network's logits on it, the largest
-    difference of the file's logits (None: not run here) and whether it runs on any batch size."""
-
-    path: Path
-    example: np.ndarray
-    reference: np.ndarray
-    max_abs_diff: float | None = None
-    any_batch: bool = False
-
-    @property
-    def logit_scale(self) -> float:
-        return max(1.0, float(np.abs(self.reference).max()))
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -124,12 +108,10 @@ def _check_parity(exported: Exported, spec: Export) -> Exported:
     path, example = exported.path, exported.example
     if spec.format == "ONNX":  # as asked of the exporter; MindSpore declares the traced batch on outputs
         declare_batch(path, "batch")
-    run_exported = load_exported(path)
-    exported.max_abs_diff = float(np.abs(run_exported(example) - exported.reference).max())
-    exported.any_batch = accepts_any_batch(run_exported, example)
+    exported.run_back()
     if not exported.any_batch and spec.format == "ONNX":  # the model's reshapes fix the batch (Conformer): say so
         declare_batch(path, len(example))
-    if not exported.max_abs_diff <= spec.tolerance * exported.logit_scale:
+    if not exported.within(spec.tolerance):
         raise ExportMismatch(
             f"the exported {spec.format} model differs from the MindSpore network by {exported.max_abs_diff:.3g} "
             f"(max abs logit difference, largest |logit| {exported.logit_scale:.3g}; export.tolerance="
