@@ -53,14 +53,17 @@ class Inference:
         if self.engine == "auto" and device_target != "CPU":
             return mindspore_forward(network), f"mindspore (on {device_target}; ONNX Runtime runs on the CPU)"
         try:
-            forward, difference = self._onnxruntime(network, image_size, folder)
+            forward, difference, scale = self._onnxruntime(network, image_size, folder)
         except NoOnnxRuntime as err:
             if self.engine == "onnxruntime":
                 raise
             return mindspore_forward(network), f"mindspore (not ONNX Runtime: {err})"
-        return forward, f"onnxruntime (the network as ONNX: max abs logit difference {difference:.1e} vs MindSpore)"
+        return forward, (
+            f"onnxruntime (the network as ONNX: max abs logit difference {difference:.1e} vs MindSpore, largest "
+            f"|logit| {scale:.2g})"
+        )
 
-    def _onnxruntime(self, network: nn.Cell, image_size: int, folder: Path) -> tuple[Forward, float]:
+    def _onnxruntime(self, network: nn.Cell, image_size: int, folder: Path) -> tuple[Forward, float, float]:
         """ONNX Runtime on ``network`` exported to ``folder``, checked against it on a random batch."""
         example = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size)).astype(np.float32)
         reference = mindspore_forward(network)(example)
@@ -78,4 +81,4 @@ class Inference:
             )
         if not exported.any_batch:
             raise NoOnnxRuntime("the network exported to ONNX runs on one batch size only (its reshapes fix it)")
-        return forward, float(exported.max_abs_diff)
+        return forward, float(exported.max_abs_diff), exported.logit_scale
