@@ -3,7 +3,7 @@
 Each row (model, image size, batch) is ``python run.py task=benchmark benchmark=vs_timm ...`` in a process of its
 own (its own MLflow run, as when typed); the figures come from the files those runs write. The table (ours /
 timm and the ratio for train, eval, peak RSS and time to the first step, with the date, versions, CPU and the
-commands) replaces what stands between ``<!-- benchmark-table -->`` and ``<!-- /benchmark-table -->`` in
+command) replaces what stands between ``<!-- benchmark-table -->`` and ``<!-- /benchmark-table -->`` in
 ``benchmark_table.readme``, and is logged as ``benchmark/table.md`` to a run of the benchmarks experiment.
 """
 
@@ -91,7 +91,7 @@ def measure_row(cfg: DictConfig, spec: TableSpec, model: str, size: int, batch: 
         raise RowFailed(f"{' '.join(['python run.py', *command[2:]])} failed (exit {done.returncode}): {tail}")
     ours = json.loads((folder / "benchmark" / "mindspore.result.json").read_text())
     timm = json.loads((folder / "benchmark" / "timm.result.json").read_text())
-    return {"model": model, "size": size, "batch": batch, "ours": ours, "timm": timm, "command": command[2:]}
+    return {"model": model, "size": size, "batch": batch, "ours": ours, "timm": timm}
 
 
 def markdown_table(rows: list[dict[str, Any]], rounds: int) -> str:
