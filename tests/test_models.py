@@ -79,6 +79,25 @@ def pynative() -> None:
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+@pytest.mark.parametrize(
+    ("group", "model"),
+    [("resnext_test", "resnext_test"), ("efficientnet_b2", "efficientnet_test"), ("nfnet_f0", "nfnet_test"),
+     ("nasnet_a_mobile", "nasnet_test"), ("conformer_ti", "conformer_test")],
+)  # fmt: skip
+def test_every_family_trains_in_mixed_precision(make_config, group, model):
+    """engine.amp_level=O1 recompiles each class from MindSpore's rewritten copy, which sees no module globals:
+    every family's construct must do without them (NFNet's GELU constants and NASNet's pool padding did not)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cfg = make_config(f"model={group}", f"model.name={model}", "engine.amp_level=O1", "dataset.batch_size=4")
+    network = build(cfg, "model")
+    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=1e-3)
+    network, step = build(cfg, "engine").train_step(network, build(cfg, "loss"), optimizer)
+    network.set_train(True)
+    images = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    loss, finite = step(images, ms.Tensor(np.array([0, 1, 2, 3], np.int32)))
+    assert np.isfinite(float(loss.asnumpy())) and bool(finite.asnumpy())
+
+
 @pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_parameter_count_matches_reference(name):

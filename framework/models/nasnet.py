@@ -62,11 +62,16 @@ def _bn(channels: int, momentum: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=1e-3, momentum=momentum)
 
 
-def _pad_for_pool(x: Tensor) -> Tensor:
-    # Keras zero-pads before its 3×3/2 "valid" pools (``correct_pad``): (1, 1) on odd sizes, (0, 1) on even.
-    # The ``ops.Pad`` primitive, not ``ops.pad``/``nn.ZeroPad2d``: with MindSpore 2.8 on CPU, training steps
-    # through those hang after one to three steps in GRAPH_MODE.
-    return ops.Pad(((0, 0), (0, 0), (x.shape[2] % 2, 1), (x.shape[3] % 2, 1)))(x)
+class PoolPad(nn.Cell):
+    """Keras zero-pads before its 3×3/2 "valid" pools (``correct_pad``): (1, 1) on odd sizes, (0, 1) on even.
+
+    The ``ops.Pad`` primitive, not ``ops.pad``/``nn.ZeroPad2d``: with MindSpore 2.8 on CPU, training steps through
+    those hang after one to three steps in GRAPH_MODE. A cell, not a module function: amp_level=O1 recompiles
+    ``construct`` from a rewritten copy of each class, which sees no module globals.
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.Pad(((0, 0), (0, 0), (x.shape[2] % 2, 1), (x.shape[3] % 2, 1)))(x)
 
 
 class ReluConvBn(nn.Cell):
@@ -215,8 +220,8 @@ class ReductionCell(_CellBase):
         self.comb_iter_0_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, 2, symmetric)
         self.comb_iter_1_right = SeparableBranch(self.prev_ch, filters, 7, bn_momentum, 2, symmetric)
         self.comb_iter_2_right = SeparableBranch(self.prev_ch, filters, 5, bn_momentum, 2, symmetric)
-        self.pad_pools = padding == "keras"
-        pool_padding = "valid" if self.pad_pools else "same"  # Keras: "valid" on the zero-padded h
+        self.pool_pad = PoolPad() if padding == "keras" else nn.Identity()
+        pool_padding = "valid" if padding == "keras" else "same"  # Keras: "valid" on the zero-padded h
         self.max_pool = nn.MaxPool2d(3, 2, pad_mode=pool_padding)
         self.avg_pool_2 = nn.AvgPool2d(3, 2, pad_mode=pool_padding)
         self.avg_pool_1 = nn.AvgPool2d(3, 1, pad_mode="same")
@@ -225,7 +230,7 @@ class ReductionCell(_CellBase):
     def construct(self, x: Tensor, prev: Tensor) -> Tensor:
         p = self.adjust(prev)
         h = self.conv_1x1(x)
-        h_pool = _pad_for_pool(h) if self.pad_pools else h
+        h_pool = self.pool_pad(h)
         h_max = self.max_pool(h_pool)
         dp = self.drop_path
         x0 = dp(self.comb_iter_0_left(h)) + dp(self.comb_iter_0_right(p))
@@ -258,6 +263,9 @@ class AuxHead(nn.Cell):
         )
         self.bn1 = _bn(conv_ch, bn_momentum)
         self.fc = nn.Dense(conv_ch, num_classes, weight_init=XavierUniform(), bias_init="zeros")
+        # an attribute, not the module constant: amp_level=O1 recompiles construct from a rewritten copy of the
+        # class, which sees no module globals
+        self.kernel = AUX_KERNEL
 
     def construct(self, x: Tensor) -> Tensor:
         x = self.act(x)
@@ -267,8 +275,8 @@ class AuxHead(nn.Cell):
         else:
             x = x.mean((2, 3), keep_dims=True)
         x = self.act(self.bn0(self.proj(x)))
-        if x.shape[2] != AUX_KERNEL or x.shape[3] != AUX_KERNEL:
-            x = ops.adaptive_avg_pool2d(x, (AUX_KERNEL, AUX_KERNEL))
+        if x.shape[2] != self.kernel or x.shape[3] != self.kernel:
+            x = ops.adaptive_avg_pool2d(x, (self.kernel, self.kernel))
         x = self.act(self.bn1(self.conv(x)))
         return self.fc(x.reshape(x.shape[0], -1))
 

@@ -73,8 +73,13 @@ class GammaGELU(nn.Cell):
     kernel and cube (``Pow``) took a quarter of NFNet-F0's step (``task=benchmark`` profile).
     """
 
+    # Class attributes, not module constants: amp_level=O1 recompiles construct from a rewritten copy of this
+    # class, which sees no module globals (NameError: 'GELU_TANH_SCALE' is not defined).
+    tanh_scale = GELU_TANH_SCALE
+    gamma = GELU_GAMMA
+
     def construct(self, x: Tensor) -> Tensor:
-        return x * ops.sigmoid(GELU_TANH_SCALE * (x + 0.044715 * (x * x * x))) * GELU_GAMMA
+        return x * ops.sigmoid(self.tanh_scale * (x + 0.044715 * (x * x * x))) * self.gamma
 
 
 class DownsampleAvg(nn.Cell):
