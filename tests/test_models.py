@@ -194,11 +194,14 @@ def test_nasnet_aux_weight_and_bn_momentum():
     np.testing.assert_allclose(moving, 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
 
 
-def test_scaled_std_conv_standardises_weights():
-    """NFNet's conv equals a plain conv with per-channel standardised weight × gain / sqrt(fan_in)."""
+@pytest.mark.parametrize("training", [False, True])
+def test_scaled_std_conv_standardises_weights(training):
+    """NFNet's conv equals a plain conv with per-channel standardised weight × gain / sqrt(fan_in), in training
+    (BatchNorm's kernel) and in inference (the formula)."""
     from framework.models.nfnet import ScaledStdConv2d
 
     conv = ScaledStdConv2d(4, 3, 3, stride=2)
+    conv.set_train(training)
     conv.gain.set_data(ms.Tensor(np.array([1.0, 2.0, 0.5], np.float32).reshape(3, 1, 1, 1)))
     x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
     out = conv(ms.Tensor(x)).asnumpy()
@@ -212,6 +215,34 @@ def test_scaled_std_conv_standardises_weights():
          for o in range(3)]
     )  # fmt: skip
     np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scaled_std_conv_trains_with_the_formulas_gradients():
+    """Training standardises through BatchNorm's kernel (it keeps no weight-sized intermediates for the backward):
+    loss and every gradient equal autodiff through inference's formula, within 1e-5, step after step."""
+    from framework.models.nfnet import ScaledStdConv2d
+
+    rng = np.random.default_rng(0)
+    conv = ScaledStdConv2d(8, 16, 3, stride=2, groups=2)
+    conv.weight.set_data(ms.Tensor(rng.normal(0.3, 2.0, conv.weight.shape).astype(np.float32)))
+    conv.gain.set_data(ms.Tensor(rng.uniform(0.5, 2.0, conv.gain.shape).astype(np.float32)))
+    conv.bias.set_data(ms.Tensor(rng.normal(0.0, 0.1, conv.bias.shape).astype(np.float32)))
+    x = ms.Tensor(rng.standard_normal((2, 8, 7, 7)).astype(np.float32))
+    target = ms.Tensor(rng.standard_normal((2, 16, 4, 4)).astype(np.float32))
+
+    def loss_fn(images):
+        return ((conv(images) - target) ** 2).mean()
+
+    results = {}
+    for training in (False, True):
+        conv.set_train(training)
+        grad_fn = ms.jit(ms.value_and_grad(loss_fn, None, conv.trainable_params()))  # compiled for this mode
+        steps = [grad_fn(x) for _ in range(2)]  # twice: the kernel's running-statistics inputs stay as given
+        results[training] = [[loss.asnumpy(), *(g.asnumpy() for g in grads)] for loss, grads in steps]
+    for formula, kernel in zip(results[False][0], results[True][0], strict=True):
+        np.testing.assert_allclose(kernel, formula, rtol=1e-5, atol=1e-5)
+    for first, second in zip(*results[True], strict=True):
+        np.testing.assert_array_equal(second, first)
 
 
 @pytest.mark.parametrize(
