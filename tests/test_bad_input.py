@@ -109,6 +109,11 @@ def test_a_command_line_that_composes_has_no_problem():
             r"Fix: optimizer.name=adamw$",
         ),
         ("dataset.augment.hflip=1.5", r"^dataset.augment.hflip must be in \[0, 1\], got 1.5. Fix: "),
+        (
+            "engine.recompute=[layer]",
+            r"^engine.recompute: 'layer' matches no cell name in full \(e.g. conv1, .*\). Fix: ",
+        ),
+        ("engine.recompute=['(']", r"^engine.recompute: '\(' is no regular expression"),
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, override, message):

@@ -7,8 +7,10 @@ import mindspore.nn as nn
 import numpy as np
 import pytest
 
+from framework.config import build
 from framework.engine.checkpoint import read_checkpoint
 from framework.engine.step import EMA, TrainStep, apply_amp, make_loss_scaler
+from framework.optim.schedules import UpdateLr
 from framework.paths import PROJECT_ROOT
 from framework.tasks.train import train
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
@@ -196,3 +198,28 @@ def test_best_checkpoint_follows_the_monitored_metric_and_mode(tmp_path):
     losses = [h["val_loss"] for h in result.history]
     _, meta = read_checkpoint(result.checkpoints["best"])
     assert meta["epoch"] == 1 + int(np.argmin(losses)) and result.best["val_loss"] == min(losses)
+
+
+def _three_steps(cfg) -> tuple[list[float], list[str]]:
+    """The losses of three steps of ``cfg``'s prepared training, and the cells marked for recomputation."""
+    build(cfg, "hardware").setup(cfg.seed)  # as training: MindSpore, NumPy and Python seeded
+    network = build(cfg, "model")
+    optimizer = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=UpdateLr(0.05))
+    prepared = build(cfg, "engine").prepare(network, build(cfg, "loss"), optimizer)
+    prepared.network.set_train(True)
+    images = ms.Tensor(np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32))
+    labels = ms.Tensor(np.array([0, 1, 2, 3], np.int32))
+    losses = [float(prepared.step(images, labels)[0].asnumpy()) for _ in range(3)]
+    return losses, [name for name, cell in network.cells_and_names() if cell._has_config_recompute]
+
+
+def test_recompute_marks_the_matched_cells_and_trains_to_the_same_losses(tmp_path):
+    """engine.recompute marks the cells its regexes match in full (their inner cells with them) and changes no
+    number: three steps give the losses they give without it."""
+    losses, marked = _three_steps(compose_config([TEST_MODEL], tmp_path))
+    recompute = r"engine.recompute=['layer[12]', 'layer1\.0', 'conv1']"
+    losses_recomputed, marked_recomputed = _three_steps(compose_config([TEST_MODEL, recompute], tmp_path))
+    assert marked == []
+    assert {name.split(".")[0] for name in marked_recomputed} == {"layer1", "layer2", "conv1"}
+    assert "layer1.0.conv1" in marked_recomputed and "layer3" not in marked_recomputed
+    np.testing.assert_allclose(losses_recomputed, losses, rtol=1e-6)

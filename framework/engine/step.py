@@ -16,9 +16,10 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,8 @@ import mindspore.ops as ops
 from mindspore import ParameterTuple, Tensor, amp
 from mindspore.communication import get_group_size
 from mindspore.rewrite.common import namespace
+
+from framework.config import ConfigError
 
 AmpLevel = Literal["O0", "O1", "O2", "O3"]  # engine.amp_level, checked by the schema (framework.engine.Trainer)
 LossScale = Literal["none", "static", "dynamic"]  # engine.loss_scale
@@ -217,3 +220,27 @@ def _rewrite_workspace() -> str:
     package = str(Path(__file__).resolve().parents[1])
     namespace._ignore_third_party_paths.append(package)  # no public setter (MindSpore 2.7-2.8)
     return path
+
+
+def recompute_cells(network: nn.Cell, patterns: Sequence[str]) -> list[str]:
+    """Mark for recomputation (MindSpore's ``Cell.recompute``) the cells whose names a ``patterns`` regex matches
+    in full: the backward pass recomputes their activations instead of keeping them, memory for time. Returns the
+    names marked; a cell inside a marked one is recomputed with it."""
+    names = [name for name, _ in network.cells_and_names() if name]
+    marked: list[str] = []
+    for pattern in patterns:
+        try:
+            matched = [name for name in names if re.fullmatch(str(pattern), name)]
+        except re.error as err:
+            raise ConfigError(f"engine.recompute: {pattern!r} is no regular expression ({err})") from err
+        if not matched:
+            raise ConfigError(
+                f"engine.recompute: {pattern!r} matches no cell name in full (e.g. {names[0]}, {names[-1]}). "
+                "Fix: a regex over the model's cell names, e.g. engine.recompute=['stages\\.\\d+']"
+            )
+        marked += [name for name in matched if name not in marked]
+    cells = dict(network.cells_and_names())
+    for name in marked:
+        if not any(name.startswith(f"{outer}.") for outer in marked):
+            cells[name].recompute()
+    return marked

@@ -33,7 +33,7 @@ from framework.engine.checkpoint import MICRO_STEP, checkpoint_micro_step, resto
 from framework.engine.evaluate import evaluate
 from framework.engine.losses import HeadsLoss
 from framework.engine.observers import EarlyStopping, Observer, Stop
-from framework.engine.step import EMA, AmpLevel, LossScale, TrainStep, apply_amp, make_loss_scaler
+from framework.engine.step import EMA, AmpLevel, LossScale, TrainStep, apply_amp, make_loss_scaler, recompute_cells
 from framework.errors import UserError
 from framework.optim.schedules import LrGroups, Schedule, UpdateLr
 from framework.runtime.signals import Interrupted, signal_name, stop_requested
@@ -123,6 +123,7 @@ class Trainer:
         max_nonfinite_steps: Annotated[int, Positive] = 5,
         early_stopping: EarlyStopping | None = None,
         freeze_bn_stats: bool = False,
+        recompute: Sequence[str] = (),
     ) -> None:
         # Types, choices and ranges are the schema's (framework.config, before any task runs); this pair is not.
         if eval_ema and ema_decay is None:
@@ -142,6 +143,7 @@ class Trainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.early_stopping = early_stopping
         self.freeze_bn_stats = freeze_bn_stats
+        self.recompute = list(recompute)
 
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         """Micro-batches used per epoch: all full batches (or ``limit_train_batches``), whole accumulations only."""
@@ -156,7 +158,8 @@ class Trainer:
         self, network: nn.Cell, loss_fn: nn.Cell, optimizer: nn.Optimizer, world: World = SINGLE_PROCESS
     ) -> Prepared:
         """Everything ``fit`` trains with; the optimizer's lr must be an ``UpdateLr`` (set per update).
-        ``freeze_bn_stats``: BatchNorm layers normalise with their running statistics and never update them."""
+        ``freeze_bn_stats``: BatchNorm layers normalise with their running statistics and never update them;
+        ``recompute``: regexes of the cells whose activations the backward recomputes."""
         update_lr, lr_groups = (
             getattr(optimizer, "update_lr", optimizer.learning_rate),
             getattr(optimizer, "lr_groups", None),
@@ -167,6 +170,7 @@ class Trainer:
             for _, cell in network.cells_and_names():
                 if isinstance(cell, nn.BatchNorm2d):
                     cell.use_batch_statistics = False
+        recompute_cells(network, self.recompute)
         network, step = self.train_step(network, loss_fn, optimizer, world)
         ema = EMA(network, self.ema_decay) if self.ema_decay else None
         lrs = [update_lr.value, *(lr_groups.factors if lr_groups is not None else [])]
