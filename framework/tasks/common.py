@@ -333,7 +333,8 @@ def print_summary(title: str, rows: dict[str, Any]) -> None:
     console.rule(f"[bold]{title}")
     width = max(len(k) for k in rows)
     for key, value in rows.items():
-        console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+        # markup off: values are data (a run named "... measure=[train_step,timm]" lost its brackets as rich markup)
+        console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True, markup=False)
 
 
 def format_metrics(metrics: dict[str, float] | None) -> str:
