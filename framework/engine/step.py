@@ -222,11 +222,12 @@ def _rewrite_workspace() -> str:
     return path
 
 
-def recompute_cells(network: nn.Cell, patterns: Sequence[str]) -> list[str]:
+def recompute_cells(network: nn.Cell, patterns: Sequence[str]) -> None:
     """Mark for recomputation (MindSpore's ``Cell.recompute``) the cells whose names a ``patterns`` regex matches
-    in full: the backward pass recomputes their activations instead of keeping them, memory for time. Returns the
-    names marked; a cell inside a marked one is recomputed with it."""
-    names = [name for name, _ in network.cells_and_names() if name]
+    in full: the backward pass recomputes their activations instead of keeping them, memory for time. A cell
+    inside a marked one is recomputed with it."""
+    cells = {name: cell for name, cell in network.cells_and_names() if name}
+    names = list(cells)
     marked: list[str] = []
     for pattern in patterns:
         try:
@@ -239,8 +240,6 @@ def recompute_cells(network: nn.Cell, patterns: Sequence[str]) -> list[str]:
                 "Fix: a regex over the model's cell names, e.g. engine.recompute=['stages\\.\\d+']"
             )
         marked += [name for name in matched if name not in marked]
-    cells = dict(network.cells_and_names())
     for name in marked:
         if not any(name.startswith(f"{outer}.") for outer in marked):
             cells[name].recompute()
-    return marked
