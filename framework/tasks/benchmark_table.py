@@ -72,7 +72,7 @@ def benchmark_table(cfg: DictConfig) -> str:
     with stop_signals_interrupt(), tracker.start_run(run_tags(cfg, "benchmark_table"), run_name=name) as run:
         log_run_spec(run, cfg)
         run.log_text(table, "benchmark/table.md")
-    console.print(table, markup=False, highlight=False)
+    console.print(table, highlight=False)
     print_summary("benchmark table", {"readme": str(readme or "-"), "mlflow run": f"{run.run_name} ({run.run_id})"})
     return table
 

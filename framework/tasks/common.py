@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
+from rich.text import Text
 from rich.tree import Tree
 
 from framework.config import ConfigError, build, check_config, flatten, group_choices, overrides
@@ -24,7 +25,9 @@ from framework.models.registry import image_size_problems, start_from, weights_v
 from framework.tracking import MlflowRun, MlflowTracker
 from framework.tracking.naming import command_line, source_tags
 
-console = Console()
+# Markup off: what is printed holds data (paths, run names, list overrides such as measure=[a,b]) that rich would
+# take for markup and drop; styles are given as style=, never written into the text.
+console = Console(markup=False)
 
 
 def prepare(cfg: DictConfig) -> Hardware:
@@ -63,7 +66,9 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = False, set
         if error:
             raise ConfigError(f"{key}={size}: {cfg.model.name} {error}. Fix: {key}=<such a size>")
         if warning:
-            console.print(f"[yellow]warning: {key}={size}: {cfg.model.name} {warning}", highlight=False, soft_wrap=True)
+            console.print(
+                f"warning: {key}={size}: {cfg.model.name} {warning}", style="yellow", highlight=False, soft_wrap=True
+            )
     source = cfg.model.get("pretrained") if pretrained else None
     if not source:
         return build(cfg, "model", num_classes=num_classes, pretrained=None, **(settings or {}))
@@ -132,10 +137,10 @@ def load_trained_network(cfg: DictConfig, checkpoint: Path) -> tuple[Any, dict[s
 
 def print_config(cfg: DictConfig) -> None:
     """Print the resolved config, one branch per top-level group."""
-    tree = Tree("[bold]config")
+    tree = Tree(Text("config", style="bold"))
     for key, value in cfg.items():
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-        tree.add(f"[bold cyan]{key}").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+        tree.add(Text(str(key), style="bold cyan")).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
     console.print(tree)
 
 
@@ -316,7 +321,7 @@ def _latest_local_state(directory: Path, resume: str) -> tuple[Path | None, tupl
     """``latest_training_state`` of ``directory``, warning about each damaged file passed over."""
     path, content, problems = latest_training_state(directory)
     for problem in problems:
-        console.print(f"[yellow]resume={resume}: passed over {problem}", highlight=False)
+        console.print(f"resume={resume}: passed over {problem}", style="yellow", highlight=False)
     return path, content
 
 
@@ -330,11 +335,10 @@ def _local_run_dir(tracker: MlflowTracker, run_id: str) -> Path | None:
 
 
 def print_summary(title: str, rows: dict[str, Any]) -> None:
-    console.rule(f"[bold]{title}")
+    console.rule(Text(title, style="bold"))
     width = max(len(k) for k in rows)
     for key, value in rows.items():
-        # markup off: values are data (a run named "... measure=[train_step,timm]" lost its brackets as rich markup)
-        console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
 
 
 def format_metrics(metrics: dict[str, float] | None) -> str:

@@ -73,7 +73,7 @@ def select_runs(client: MlflowClient, tracker: MlflowTracker, opts: DictConfig) 
     if not runs:
         raise ConfigError(f"no {what} in {tracker.uri}. List its runs with: {tracker.ui_command()}")
     if len(runs) > limit:
-        console.print(f"[yellow]more {what} than compare.max_runs={limit}: comparing the newest {limit}")
+        console.print(f"more {what} than compare.max_runs={limit}: comparing the newest {limit}", style="yellow")
     return list(runs[:limit]), what
 
 

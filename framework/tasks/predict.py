@@ -65,7 +65,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
                         images.append(transform(np.asarray(image.convert("RGB"))))
                     paths.append(path)
                 except (OSError, ValueError, Image.DecompressionBombError) as err:
-                    console.print(f"[yellow]skipped unreadable image {path}: {err}")
+                    console.print(f"skipped unreadable image {path}: {err}", style="yellow")
                     skipped.append({"file": str(path), "error": str(err)})
                 progress.advance(task)
             if images:

@@ -125,9 +125,10 @@ def _build_job(cfg: DictConfig, world: World) -> Job:
     missing = data.classes_missing_from_val()
     if missing:
         console.print(
-            f"[yellow]warning: the val split has no images of {len(missing)} class(es) the train split has "
+            f"warning: the val split has no images of {len(missing)} class(es) the train split has "
             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): their accuracy is never measured; "
             "images per class are in data/class_counts.json of the run",
+            style="yellow",
             highlight=False,
             soft_wrap=True,
         )
