@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 
 from framework.config import build
-from framework.tasks.common import print_summary, run_params, run_tags
+from framework.tasks.common import console, print_summary, run_params, run_tags
 from framework.tracking.naming import SWEPT_ENV, run_name, sweep_name
 from tests.conftest import all_runs, compose_config, mlflow_client
 
@@ -28,10 +28,14 @@ def test_run_name_is_the_model_and_the_changed_settings(tmp_path):
     assert run_name(compose_config(["tracking.run_name=mine"], tmp_path)) == "mine"
 
 
-def test_the_summary_prints_a_run_name_with_brackets_as_it_is(capsys):
-    """A list override in a run's name reaches the terminal whole (rich took ``[train_step,timm]`` for markup)."""
+def test_the_console_prints_text_with_brackets_as_it_is(capsys):
+    """A list override in a run's name and a file name with brackets reach the terminal whole: rich took
+    ``[train_step,timm]`` for markup and dropped it, and stopped on ``[/b]`` (MarkupError)."""
     print_summary("benchmark", {"mlflow run": "benchmark nfnet_f0 measure=[train_step,timm] rounds=1 (abc)"})
-    assert "mlflow run  benchmark nfnet_f0 measure=[train_step,timm] rounds=1 (abc)" in capsys.readouterr().out
+    console.print("skipped unreadable image a[/b].jpg", style="yellow")
+    out = capsys.readouterr().out
+    assert "mlflow run  benchmark nfnet_f0 measure=[train_step,timm] rounds=1 (abc)" in out
+    assert "skipped unreadable image a[/b].jpg" in out
 
 
 def test_a_trial_is_named_by_what_its_sweep_varies(tmp_path, monkeypatch):
