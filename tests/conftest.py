@@ -64,7 +64,12 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=[f"paths.run_dir={tmp_path / 'run'}", f"tracking.local_store={tmp_path / 'mlflow'}", *overrides],
+            overrides=[
+                f"paths.run_dir={tmp_path / 'run'}",
+                f"tracking.local_store={tmp_path / 'mlflow'}",
+                f"hardware.compile_cache={tmp_path / 'compile_cache'}",
+                *overrides,
+            ],
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)

@@ -230,6 +230,19 @@ def test_mindspores_compile_cache_is_refused(tmp_path):
     assert_no_runs(tmp_path)
 
 
+def test_an_unwritable_compile_cache_folder_is_one_line_before_anything_runs(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_py(tmp_path, f"hardware.compile_cache={blocker / 'cache'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (
+        f"config error: hardware.compile_cache={blocker / 'cache'}: {blocker} is not a folder this user can write. "
+        "Fix: a writable folder, or hardware.compile_cache=null to compile every time"
+    )
+    assert_no_runs(tmp_path)
+
+
 def test_target_from_a_yaml_outside_the_allowlist_is_never_imported(tmp_path):
     """A model config in a user's config folder naming ``os.system`` fails the check; the command never runs."""
     marker = tmp_path / "pwned"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import mindspore as ms
@@ -13,17 +14,18 @@ import numpy as np
 
 from framework.config import ConfigError
 from framework.launch.distributed import init_world
+from framework.paths import unwritable
 from framework.runtime.world import World, is_msrun_process
 from framework.schema import NonNegative, Positive, Range
 
 _MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-# Measured with MindSpore 2.8 (issue 21): its compile cache keys a process's graphs by the script's hash and their
-# order, so one script compiling other networks (run.py with another model, size or task) gets the graphs cached
-# for the earlier ones: two Dense cells compiled in swapped order returned each other's output shapes, no error.
+# MindSpore's own switch for its compile cache: unsafe for run.py (framework/launch/compile_cache.py says why);
+# hardware.compile_cache is the safe way to the same cache.
 COMPILE_CACHE_UNSAFE = (
     "MS_COMPILER_CACHE_ENABLE=1 (environment): MindSpore's compile cache checks only the script, so a run of "
     "run.py with another model, size or task can execute graphs compiled for an earlier one (measured: wrong "
-    "output shapes, no error). Fix: unset MS_COMPILER_CACHE_ENABLE"
+    "output shapes, no error). Fix: unset MS_COMPILER_CACHE_ENABLE; hardware.compile_cache (on by default) "
+    "caches each program's graphs in a folder of its own"
 )
 
 
@@ -34,7 +36,9 @@ class Hardware:
     ``device_target`` CPU/GPU/Ascend, ``mode`` graph/pynative; ``device_num`` processes (devices) per node
     on ``num_nodes`` nodes. Above one process in all, training is data parallel: ``run.py`` relaunches itself
     through ``msrun`` (node ``node_rank`` of ``num_nodes``, rendezvous at ``master_addr:master_port``;
-    ``master_port: null`` picks a free port on a single node).
+    ``master_port: null`` picks a free port on a single node). ``compile_cache``: the folder where training
+    keeps its compiled graphs, one subfolder per program, so a repeated run skips most of the compile
+    (``framework/launch/compile_cache.py``); null compiles every time.
     """
 
     device_target: Literal["CPU", "GPU", "Ascend"] = "CPU"
@@ -46,6 +50,7 @@ class Hardware:
     master_addr: str = "127.0.0.1"
     master_port: Annotated[int, Range(1024, 65535)] | None = None
     cluster_timeout: Annotated[int, Positive] = 600
+    compile_cache: str | None = None
 
     def __post_init__(self) -> None:
         """What the schema cannot say alone: settings that must agree with each other."""
@@ -59,9 +64,16 @@ class Hardware:
 
     def check_available(self) -> None:
         """Refuse, before anything runs, a device target this MindSpore build cannot use (a GPU on a CPU build),
-        and MindSpore's compile cache, which is unsafe for run.py (``COMPILE_CACHE_UNSAFE``)."""
+        MindSpore's own compile cache switch, unsafe for run.py (``COMPILE_CACHE_UNSAFE``), and a compile cache
+        folder that cannot be written."""
         if os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1":
             raise ConfigError(COMPILE_CACHE_UNSAFE)
+        blocked = self.compile_cache and unwritable(Path(self.compile_cache))
+        if blocked:
+            raise ConfigError(
+                f"hardware.compile_cache={self.compile_cache}: {blocked} is not a folder this user can write. "
+                "Fix: a writable folder, or hardware.compile_cache=null to compile every time"
+            )
         if self.device_target == "CPU":
             return
         if not ms.hal.is_available(self.device_target):

@@ -13,6 +13,7 @@ import time
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from framework.engine.checkpoint import read_micro_step, weights_sha256
 from framework.engine.progress import ProgressDisplay
 from framework.engine.trainer import Prepared, Trainer, TrainingDiverged
 from framework.launch import Hardware
+from framework.launch.compile_cache import compile_cache, file_fingerprint
 from framework.launch.msrun import RESULT_FILE, JobFailed
 from framework.models.registry import parameter_depth
 from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
@@ -104,7 +106,12 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
     with stop_signals_interrupt(), _tracking(cfg, tracker, run_dir, resume, world) as run:
         if run is not None:
             _log_start(cfg, run, job, world, resume, run_dir)
-        with run.system_metrics() if run is not None and tracker.system_metrics else nullcontext():
+        with (
+            run.system_metrics() if run is not None and tracker.system_metrics else nullcontext(),
+            compile_cache(hardware.compile_cache, _program(cfg, job, resume, world)) as cached,
+        ):
+            if run is not None:
+                run.set_tags({"compile_cache": cached})
             result = _fit(cfg, job, run, run_dir, resume, world)
         checksum = _record_weights(job.prepared.network, run_dir, world)
         if run is not None:
@@ -252,6 +259,25 @@ def _log_datasets(run: MlflowRun, data: ImageData, fingerprint: dict, counts: di
         }
         digest = str(fingerprint[f"{split}_sha256"])[:16]
         run.log_dataset(f"{data.name}/{split}", digest, data.locations[split], context, profile)
+
+
+def _program(cfg: DictConfig, job: Job, resume: Resume | None, world: World) -> dict[str, Any]:
+    """What decides the graphs training compiles (the compile cache's key): the resolved config but for where
+    runs are written and tracked, the data's sizes, the weights' files and settings, the rank."""
+    spec = {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key not in ("paths", "tracking", "resume", "run_dir")
+    }
+    return {
+        "config": spec,
+        "data": {"num_classes": job.data.num_classes, **{s: job.data.num_samples(s) for s in job.data.sources}},
+        "weights": {  # the model settings a pretrained file brings (e.g. mindcv's padding) change the graph
+            "settings": getattr(getattr(job.prepared.network, "pretrained_report", None), "variant", {}),
+            "files": [file_fingerprint(cfg.model.get("pretrained")), file_fingerprint(resume and resume.path)],
+        },
+        "world": [world.rank, world.size],
+    }
 
 
 def _fit(
