@@ -277,6 +277,26 @@ def test_drop_path_grows_linearly_to_the_last_block(name):
     np.testing.assert_allclose(keep, [1 - 0.2 * i / (blocks - 1) for i in range(1, blocks)], rtol=1e-6)
 
 
+def test_drop_path_keeps_whole_samples_scaled_and_its_gradient_follows():
+    """Training: each sample is dropped whole or kept as ``x / keep_prob`` (the mask is scaled, not the map, to
+    keep one activation-sized buffer less), and the gradient is the same mask."""
+    ms.set_seed(1)
+    drop = DropPath(0.3)
+    drop.set_train(True)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((64, 3, 4, 4)).astype(np.float32))
+    weights = ms.Tensor(rng.standard_normal((64, 3, 4, 4)).astype(np.float32))
+    out = drop(x).asnumpy()
+    grad = ms.grad(lambda t: (drop(t) * weights).sum())(x).asnumpy()
+    kept = np.abs(out).reshape(64, -1).max(axis=1) > 0
+    assert 0 < kept.sum() < 64
+    expected = np.where(kept[:, None, None, None], x.asnumpy() / 0.7, 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    grad_kept = np.abs(grad).reshape(64, -1).max(axis=1) > 0
+    assert 0 < grad_kept.sum() < 64
+    np.testing.assert_allclose(grad, np.where(grad_kept[:, None, None, None], weights.asnumpy() / 0.7, 0), rtol=1e-6)
+
+
 def test_stem_max_pool_forms_equal_padded_max_pooling():
     """The concatenated-border form (training) and the Pad form (ONNX export) both equal 3×3/2 pooling with
     -inf padding on the non-negative maps a stem's ReLU gives."""
