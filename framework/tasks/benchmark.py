@@ -121,6 +121,8 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
                 for k in ("image_size", "batch_size", "num_classes", "threads", "warmup_steps", "steps", "rounds")
             },
             "model": timm_model,
+            # the same network: our model config's dropout and stochastic depth (timm's defaults are 0)
+            "model_kwargs": {k: float(cfg.model.get(k) or 0.0) for k in ("drop_rate", "drop_path_rate")},
             "seed": int(cfg.seed),
             "device": "cuda" if cfg.hardware.device_target == "GPU" else "cpu",
             "profile": str(work_dir / "profile_timm.csv") if bench.profile else None,

@@ -58,7 +58,8 @@ def write_profile(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def measure_timm(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train-step and eval throughput of ``timm.create_model(spec['model'])`` on a random batch."""
+    """Train-step and eval throughput of ``timm.create_model(spec['model'], **spec['model_kwargs'])`` (our model
+    config's drop rates) on a random batch."""
     import timm
     import torch
 
@@ -66,7 +67,7 @@ def measure_timm(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
-    model = timm.create_model(spec["model"], num_classes=spec["num_classes"]).to(device)
+    model = timm.create_model(spec["model"], num_classes=spec["num_classes"], **spec["model_kwargs"]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     batch, size = spec["batch_size"], spec["image_size"]
