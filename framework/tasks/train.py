@@ -108,7 +108,9 @@ def _train(cfg: DictConfig, hardware: Hardware, run_dir: Path) -> FitResult:
             _log_start(cfg, run, job, world, resume, run_dir)
         with (
             run.system_metrics() if run is not None and tracker.system_metrics else nullcontext(),
-            compile_cache(hardware.compile_cache, _program(cfg, job, resume, world)) as cached,
+            compile_cache(
+                hardware.compile_cache if hardware.mode == "graph" else None, _program(cfg, job, resume, world)
+            ) as cached,
         ):
             if run is not None:
                 run.set_tags({"compile_cache": cached})
