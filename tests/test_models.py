@@ -19,7 +19,7 @@ import pytest
 from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.models import create_model, list_models
-from framework.models.layers import DropPath, StemMaxPool
+from framework.models.layers import DepthwiseConv2d, DropPath, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
@@ -295,6 +295,34 @@ def test_drop_path_keeps_whole_samples_scaled_and_its_gradient_follows():
     grad_kept = np.abs(grad).reshape(64, -1).max(axis=1) > 0
     assert 0 < grad_kept.sum() < 64
     np.testing.assert_allclose(grad, np.where(grad_kept[:, None, None, None], weights.asnumpy() / 0.7, 0), rtol=1e-6)
+
+
+def _output_and_gradients(layer: nn.Cell, x: ms.Tensor, probe: ms.Tensor) -> tuple[np.ndarray, ...]:
+    """A training layer's output on ``x`` and the gradients of ``sum(output * probe)`` for ``x`` and its weight."""
+    layer.set_train(True)
+    _, (grad_x, (grad_w,)) = ms.value_and_grad(lambda t: (layer(t) * probe).sum(), 0, layer.trainable_params())(x)
+    return layer(x).asnumpy(), grad_x.asnumpy(), grad_w.asnumpy()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "size"),
+    [(3, 1, 10), (3, 2, 8), (5, 2, 11), (5, 1, 7), (3, 2, 9), (5, 1, 2), (5, 2, 2), (3, 1, 1)],
+)  # sizes under the kernel too: EfficientNet's last stages at 32 px
+def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, stride, size):
+    """The project's C++ depthwise kernel (CPU training) against MindSpore's grouped Conv2d on the same weights:
+    output, input gradient and weight gradient within 1e-5 (relative to their largest value)."""
+    ours = DepthwiseConv2d(6, kernel, stride)
+    assert ours.kernel is not None, "the kernel library was not built (no g++?)"
+    reference = DepthwiseConv2d(6, kernel, stride)
+    reference.kernel = None  # MindSpore's Conv2d
+    reference.weight.set_data(ours.weight.data.copy())
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = ms.Tensor(rng.standard_normal((3, 6, size, size)).astype(np.float32))
+    out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    probe = ms.Tensor(rng.standard_normal((3, 6, out_size, out_size)).astype(np.float32))
+    results = [_output_and_gradients(layer, x, probe) for layer in (ours, reference)]
+    for name, got, expected in zip(("output", "input grad", "weight grad"), *results, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()), err_msg=name)
 
 
 def test_stem_max_pool_forms_equal_padded_max_pooling():

@@ -4,10 +4,10 @@ Measured with MindSpore 2.8 (issue 21): its cache names a process's graphs by th
 ``_1``, ...) and checks only the entry script, so another model compiled after the same script loads the earlier
 model's graph (wrong output shapes, no error); the cache folder is fixed at the first cached compile of a
 process. So each folder here holds the graphs of one program: its key hashes MindSpore's and Python's versions,
-the source of every module loaded from outside the installed packages (this project and a user's own code), and
-what the caller says decides the graphs (the resolved config, the data, the weights files, the rank). Only the
-first cached program of a process uses it, a folder in use by another process is left alone, and a folder whose
-program did not finish (killed mid-write) is emptied before it is filled again.
+the source of every module loaded from outside the installed packages (this project and a user's own code) and
+of its C++ kernels, and what the caller says decides the graphs (the resolved config, the data, the weights
+files, the rank). Only the first cached program of a process uses it, a folder in use by another process is left
+alone, and a folder whose program did not finish (killed mid-write) is emptied before it is filled again.
 """
 
 from __future__ import annotations
@@ -27,18 +27,21 @@ from typing import Any
 import mindspore as ms
 from mindspore.common.api import entry_script_path  # what MindSpore's cache hashes and reads
 
+from framework.models.kernels import SOURCE as KERNEL_SOURCE
+
 COMPLETE = "complete"  # written when the program that filled the folder ended normally
 _state = {"used": False}  # the cache folder is fixed for a process at its first cached compile
 
 
 def code_digest() -> str:
-    """sha256 of the source of every loaded module that is not part of Python or an installed package."""
+    """sha256 of the source of every loaded module that is not part of Python or an installed package, and of
+    this project's C++ kernels (a graph names their library, whose file name changes with their source)."""
     installed = {
         str(Path(p).resolve())
         for key in ("stdlib", "platstdlib", "purelib", "platlib")
         if (p := sysconfig.get_paths().get(key))
     }
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes())
     files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
     for name in sorted(f for f in files if f and f.endswith(".py")):
         path = Path(name).resolve()

@@ -16,7 +16,7 @@ import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import Normal, Uniform
 
-from framework.models.layers import ClassifierHead, DropPath, SqueezeExcite, make_divisible
+from framework.models.layers import ClassifierHead, DepthwiseConv2d, DropPath, SqueezeExcite, make_divisible
 from framework.models.registry import register_model
 
 # B0 stages: (block kind, repeats, kernel, stride, expansion, output channels); SE ratio 0.25 throughout.
@@ -43,13 +43,17 @@ VARIANTS = {
 }
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     # TF/timm "goog" init: normal with std sqrt(2 / fan_out), fan_out = k*k*out/groups.
-    fan_out = kernel * kernel * out_ch // groups
     return nn.Conv2d(
-        in_ch, out_ch, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, group=groups,
-        has_bias=False, weight_init=Normal(sigma=math.sqrt(2.0 / fan_out)),
+        in_ch, out_ch, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, has_bias=False,
+        weight_init=Normal(sigma=math.sqrt(2.0 / (kernel * kernel * out_ch))),
     )  # fmt: skip
+
+
+def _depthwise(channels: int, kernel: int, stride: int) -> DepthwiseConv2d:
+    # the same init: fan_out = k*k*channels / channels groups
+    return DepthwiseConv2d(channels, kernel, stride, weight_init=Normal(sigma=math.sqrt(2.0 / (kernel * kernel))))
 
 
 def _bn(channels: int, eps: float) -> nn.BatchNorm2d:
@@ -63,7 +67,7 @@ class DepthwiseSeparable(nn.Cell):
         self, in_ch: int, out_ch: int, kernel: int, stride: int, drop_path_rate: float, bn_eps: float = 1e-5
     ) -> None:
         super().__init__()
-        self.conv_dw = _conv(in_ch, in_ch, kernel, stride, groups=in_ch)
+        self.conv_dw = _depthwise(in_ch, kernel, stride)
         self.bn1 = _bn(in_ch, bn_eps)
         self.act = nn.SiLU()
         self.se = SqueezeExcite(in_ch, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)
@@ -95,7 +99,7 @@ class InvertedResidual(nn.Cell):
         mid = in_ch * expansion
         self.conv_pw = _conv(in_ch, mid, 1)
         self.bn1 = _bn(mid, bn_eps)
-        self.conv_dw = _conv(mid, mid, kernel, stride, groups=mid)
+        self.conv_dw = _depthwise(mid, kernel, stride)
         self.bn2 = _bn(mid, bn_eps)
         self.act = nn.SiLU()
         self.se = SqueezeExcite(mid, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)

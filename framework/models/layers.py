@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Tensor
 from mindspore.common.initializer import Initializer
+
+from framework.models.kernels import depthwise_conv2d
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -38,6 +41,26 @@ class DropPath(nn.Cell):
         # the per-sample mask is scaled, not the map: the backward keeps no scaled copy of x (EfficientNet-B2 at
         # 64 px, batch 32: peak RSS 1,993 -> 1,942 MiB)
         return x * (mask / self.keep_prob)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """k×k depthwise convolution (one channel per group) with zero padding k//2 and no bias: MindSpore's
+    ``Conv2d``, whose float32 training on the CPU runs this project's kernel (``framework/models/kernels``,
+    several times faster than MindSpore 2.8's there); inference, export and other devices run MindSpore's."""
+
+    FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
+
+    def __init__(self, channels: int, kernel: int, stride: int = 1, weight_init: Initializer | str = "normal") -> None:
+        super().__init__(
+            channels, channels, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, group=channels,
+            has_bias=False, weight_init=weight_init,
+        )  # fmt: skip
+        self.kernel = depthwise_conv2d(kernel, stride)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
+            return self.kernel(x, self.weight)
+        return self.conv2d(x, self.weight)
 
 
 class StemMaxPool(nn.Cell):

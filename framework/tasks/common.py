@@ -180,9 +180,9 @@ def derived_run_tags(tracker: MlflowTracker, tags: dict[str, str], source_run_id
     return {**tags, "mlflow.parentRunId": source_run_id, "mlflow.note.content": description}
 
 
-# Config keys that are no hyper-parameter: where a run's files and records go and what a task reads (the
-# composed config artifact and the run's tags keep them)
-_NOT_PARAMS = {"run_dir", "ckpt", "resume", "allowed_targets"}
+# Config keys that are no hyper-parameter: where a run's files, records and compiled graphs go and what a task
+# reads (the composed config artifact and the run's tags keep them)
+_NOT_PARAMS = {"run_dir", "ckpt", "resume", "allowed_targets", "hardware.compile_cache"}
 _NOT_PARAM_GROUPS = ("paths", "tracking", "task")
 
 

@@ -19,6 +19,7 @@ SWEPT_ENV = "FRAMEWORK_SWEPT_KEYS"  # set while a sweep runs: the keys it varies
 # overrides a run's name leaves out: what names files, records and inputs rather than what is trained
 _NOT_IN_NAMES = (
     "hydra.", "hydra/", "paths.", "tracking.", "task=", "model=", "experiment=", "resume=", "ckpt=", "input=",
+    "hardware.compile_cache",
 )  # fmt: skip
 
 
