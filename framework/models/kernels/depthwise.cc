@@ -42,6 +42,53 @@ void columns(const Shape &d, int64_t kw, int64_t *first, int64_t *last) {
   *last = room < 0 ? 0 : std::min<int64_t>(d.ow, room / d.s + 1);
 }
 
+// body(tap, oh, offset, first, last) for every kernel tap (kh * K + kw) and output row oh whose input row lies
+// inside the map: input column ow * s + offset, for the output columns [first, last) inside the row
+template <typename Body>
+void for_each_tap_row(const Shape &d, Body body) {
+  for (int64_t kh = 0; kh < d.k; ++kh) {
+    for (int64_t kw = 0; kw < d.k; ++kw) {
+      int64_t first, last;
+      columns(d, kw, &first, &last);
+      for (int64_t oh = 0; oh < d.oh; ++oh) {
+        const int64_t ih = oh * d.s + kh - d.p;
+        if (ih >= 0 && ih < d.h) body(kh * d.k + kw, oh, ih * d.w + kw - d.p, first, last);
+      }
+    }
+  }
+}
+
+// Forward (gather: out[oh][ow] += tap * in[ih][ow * s + kw - p]) and input gradient (scatter: the transpose,
+// from dy into dx) of every channel plane, planes split over the cores
+template <bool kScatter>
+void slide(const float *source, const float *weight, float *target, const Shape d) {
+  const int64_t map = d.h * d.w, out = d.oh * d.ow, s = d.s, width = d.ow;
+  parallel_for(d.n * d.c, [=](int64_t plane) {
+    const float *src = source + plane * (kScatter ? out : map);
+    const float *wp = weight + (plane % d.c) * d.k * d.k;
+    float *dst = target + plane * (kScatter ? map : out);
+    std::memset(dst, 0, sizeof(float) * (kScatter ? map : out));
+    for_each_tap_row(d, [&](int64_t tap, int64_t oh, int64_t offset, int64_t first, int64_t last) {
+      const float t = wp[tap];
+      if (kScatter) {
+        float *row = dst + offset;
+        const float *grad = src + oh * width;
+        if (s == 1) {
+#pragma omp simd
+          for (int64_t ow = first; ow < last; ++ow) row[ow] += t * grad[ow];
+        } else {
+          for (int64_t ow = first; ow < last; ++ow) row[ow * s] += t * grad[ow];
+        }
+      } else {
+        const float *row = src + offset;
+        float *result = dst + oh * width;
+#pragma omp simd
+        for (int64_t ow = first; ow < last; ++ow) result[ow] += t * row[ow * s];
+      }
+    });
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -49,64 +96,16 @@ extern "C" {
 // params: x, weight, y
 int DepthwiseForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const Shape d = shape_of(shapes[0], shapes[1], shapes[2]);
-  parallel_for(d.n * d.c, [=](int64_t plane) {
-    const float *xp = x + plane * d.h * d.w;
-    const float *wp = weight + (plane % d.c) * d.k * d.k;
-    float *yp = y + plane * d.oh * d.ow;
-    std::memset(yp, 0, sizeof(float) * d.oh * d.ow);
-    for (int64_t kh = 0; kh < d.k; ++kh) {
-      for (int64_t kw = 0; kw < d.k; ++kw) {
-        const float tap = wp[kh * d.k + kw];
-        int64_t first, last;
-        columns(d, kw, &first, &last);
-        for (int64_t oh = 0; oh < d.oh; ++oh) {
-          const int64_t ih = oh * d.s + kh - d.p;
-          if (ih < 0 || ih >= d.h) continue;
-          const float *row = xp + ih * d.w + kw - d.p;
-          float *yr = yp + oh * d.ow;
-#pragma omp simd
-          for (int64_t ow = first; ow < last; ++ow) yr[ow] += tap * row[ow * d.s];
-        }
-      }
-    }
-  });
+  slide<false>(x, static_cast<const float *>(params[1]), static_cast<float *>(params[2]),
+               shape_of(shapes[0], shapes[1], shapes[2]));
   return 0;
 }
 
 // params: dy, weight, x (its shape), dx
 int DepthwiseBackwardInput(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const float *dy = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  float *dx = static_cast<float *>(params[3]);
-  const Shape d = shape_of(shapes[2], shapes[1], shapes[0]);
-  parallel_for(d.n * d.c, [=](int64_t plane) {
-    const float *gp = dy + plane * d.oh * d.ow;
-    const float *wp = weight + (plane % d.c) * d.k * d.k;
-    float *dp = dx + plane * d.h * d.w;
-    std::memset(dp, 0, sizeof(float) * d.h * d.w);
-    for (int64_t kh = 0; kh < d.k; ++kh) {
-      for (int64_t kw = 0; kw < d.k; ++kw) {
-        const float tap = wp[kh * d.k + kw];
-        int64_t first, last;
-        columns(d, kw, &first, &last);
-        for (int64_t oh = 0; oh < d.oh; ++oh) {
-          const int64_t ih = oh * d.s + kh - d.p;
-          if (ih < 0 || ih >= d.h) continue;
-          float *row = dp + ih * d.w + kw - d.p;
-          const float *gr = gp + oh * d.ow;
-          if (d.s == 1) {
-#pragma omp simd
-            for (int64_t ow = first; ow < last; ++ow) row[ow] += tap * gr[ow];
-          } else {
-            for (int64_t ow = first; ow < last; ++ow) row[ow * d.s] += tap * gr[ow];
-          }
-        }
-      }
-    }
-  });
+  slide<true>(dy, static_cast<const float *>(params[1]), static_cast<float *>(params[3]),
+              shape_of(shapes[2], shapes[1], shapes[0]));
   return 0;
 }
 
