@@ -45,8 +45,9 @@ class DropPath(nn.Cell):
 
 class DepthwiseConv2d(nn.Conv2d):
     """k×k depthwise convolution (one channel per group) with zero padding k//2 and no bias: MindSpore's
-    ``Conv2d``, whose float32 training on the CPU runs this project's kernel (``framework/models/kernels``,
-    several times faster than MindSpore 2.8's there); inference, export and other devices run MindSpore's."""
+    ``Conv2d``, whose float32 training on the CPU runs this project's kernel (``framework/models/kernels``:
+    EfficientNet-B2 trains 1.2-1.3x faster than on MindSpore 2.8's); inference, export and other devices run
+    MindSpore's."""
 
     FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
 
