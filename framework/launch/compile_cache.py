@@ -51,9 +51,12 @@ def code_digest() -> str:
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> list[Any] | None:
-    """A local file's path, size and modification time (None for no file): a changed file changes the key."""
-    if path is None or not Path(path).is_file():
-        return None if path is None else [str(path)]
+    """A local file's path, size and modification time (None for no file, the text alone for a URI): a changed
+    file changes the key."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        return [str(path)]
     stat = Path(path).stat()
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
