@@ -19,7 +19,7 @@ import pytest
 from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.models import create_model, list_models
-from framework.models.layers import DepthwiseConv2d, DropPath, StemMaxPool
+from framework.models.layers import DepthwiseConv2d, DropPath, SiLU, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
@@ -306,8 +306,8 @@ def _output_and_gradients(layer: nn.Cell, x: ms.Tensor, probe: ms.Tensor) -> tup
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "size"),
-    [(3, 1, 10), (3, 2, 8), (5, 2, 11), (5, 1, 7), (3, 2, 9), (5, 1, 2), (5, 2, 2), (3, 1, 1)],
-)  # sizes under the kernel too: EfficientNet's last stages at 32 px
+    [(3, 1, 10), (3, 2, 8), (5, 2, 11), (5, 1, 7), (3, 2, 9), (5, 1, 2), (5, 2, 2), (3, 1, 1), (3, 2, 33), (5, 1, 32)],
+)  # sizes under the kernel too (EfficientNet's last stages at 32 px), and maps wide enough for the row layout
 def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, stride, size):
     """The project's C++ depthwise kernel (CPU training) against MindSpore's grouped Conv2d on the same weights:
     output, input gradient and weight gradient within 1e-5 (relative to their largest value)."""
@@ -323,6 +323,26 @@ def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, st
     results = [_output_and_gradients(layer, x, probe) for layer in (ours, reference)]
     for name, got, expected in zip(("output", "input grad", "weight grad"), *results, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()), err_msg=name)
+
+
+@pytest.mark.parametrize(("activation", "scale"), [(SiLU, 1.0), (GammaGELU, 1.0), (GammaGELU, 0.7)])
+def test_fused_activation_kernel_equals_its_formula_and_gradient(activation, scale):
+    """The C++ fused activations (CPU training) against MindSpore's autodiff of their formula, over inputs from -24
+    to 24 (where exp saturates): output and input gradient within 1e-5 of their largest value."""
+    ours = activation(scale)
+    assert ours.kernel is not None, "the kernel library was not built (no g++?)"
+    reference = activation(scale)
+    reference.kernel = None  # the formula
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(np.concatenate([rng.normal(0, 4, 998), [-24, 24]]).astype(np.float32).reshape(2, 5, 10, 10))
+    probe = ms.Tensor(rng.standard_normal(x.shape).astype(np.float32))
+    results = []
+    for layer in (ours, reference):
+        layer.set_train(True)
+        grad = ms.grad(lambda t, layer=layer: (layer(t) * probe).sum())(x)
+        results.append((layer(x).asnumpy(), grad.asnumpy()))
+    for name, got, expected in zip(("output", "input grad"), *results, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), err_msg=name)
 
 
 def test_stem_max_pool_forms_equal_padded_max_pooling():

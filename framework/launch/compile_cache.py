@@ -27,7 +27,7 @@ from typing import Any
 import mindspore as ms
 from mindspore.common.api import entry_script_path  # what MindSpore's cache hashes and reads
 
-from framework.models.kernels import SOURCE as KERNEL_SOURCE
+from framework.models.kernels import SOURCES as KERNEL_SOURCES
 
 COMPLETE = "complete"  # written when the program that filled the folder ended normally
 _state = {"used": False}  # the cache folder is fixed for a process at its first cached compile
@@ -41,7 +41,7 @@ def code_digest() -> str:
         for key in ("stdlib", "platstdlib", "purelib", "platlib")
         if (p := sysconfig.get_paths().get(key))
     }
-    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in KERNEL_SOURCES))
     files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
     for name in sorted(f for f in files if f and f.endswith(".py")):
         path = Path(name).resolve()

@@ -16,7 +16,7 @@ import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import Normal, Uniform
 
-from framework.models.layers import ClassifierHead, DepthwiseConv2d, DropPath, SqueezeExcite, make_divisible
+from framework.models.layers import ClassifierHead, DepthwiseConv2d, DropPath, SiLU, SqueezeExcite, make_divisible
 from framework.models.registry import register_model
 
 # B0 stages: (block kind, repeats, kernel, stride, expansion, output channels); SE ratio 0.25 throughout.
@@ -69,8 +69,8 @@ class DepthwiseSeparable(nn.Cell):
         super().__init__()
         self.conv_dw = _depthwise(in_ch, kernel, stride)
         self.bn1 = _bn(in_ch, bn_eps)
-        self.act = nn.SiLU()
-        self.se = SqueezeExcite(in_ch, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)
+        self.act = SiLU()
+        self.se = SqueezeExcite(in_ch, max(1, int(in_ch * SE_RATIO)), act=SiLU)
         self.conv_pw = _conv(in_ch, out_ch, 1)
         self.bn2 = _bn(out_ch, bn_eps)
         self.has_skip = stride == 1 and in_ch == out_ch
@@ -101,8 +101,8 @@ class InvertedResidual(nn.Cell):
         self.bn1 = _bn(mid, bn_eps)
         self.conv_dw = _depthwise(mid, kernel, stride)
         self.bn2 = _bn(mid, bn_eps)
-        self.act = nn.SiLU()
-        self.se = SqueezeExcite(mid, max(1, int(in_ch * SE_RATIO)), act=nn.SiLU)
+        self.act = SiLU()
+        self.se = SqueezeExcite(mid, max(1, int(in_ch * SE_RATIO)), act=SiLU)
         self.conv_pwl = _conv(mid, out_ch, 1)
         self.bn3 = _bn(out_ch, bn_eps)
         self.has_skip = stride == 1 and in_ch == out_ch
@@ -165,7 +165,7 @@ class EfficientNet(nn.Cell):
         stem_ch = make_divisible(32 * width_mult)
         self.conv_stem = _conv(in_channels, stem_ch, 3, stride=2)
         self.bn1 = _bn(stem_ch, bn_eps)
-        self.act = nn.SiLU()
+        self.act = SiLU()
         repeats = [math.ceil(stage[1] * depth_mult) for stage in B0_STAGES]
         total_blocks, block_idx, in_ch = sum(repeats), 0, stem_ch
         stages = []

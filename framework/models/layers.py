@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -10,7 +10,7 @@ import mindspore.ops as ops
 from mindspore import Tensor
 from mindspore.common.initializer import Initializer
 
-from framework.models.kernels import depthwise_conv2d
+from framework.models.kernels import activation, depthwise_conv2d
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -41,6 +41,39 @@ class DropPath(nn.Cell):
         # the per-sample mask is scaled, not the map: the backward keeps no scaled copy of x (EfficientNet-B2 at
         # 64 px, batch 32: peak RSS 1,993 -> 1,942 MiB)
         return x * (mask / self.keep_prob)
+
+
+class FusedActivation(nn.Cell):
+    """An element-wise activation times a constant ``scale``. Float32 training on the CPU runs this project's fused
+    kernel (``framework/models/kernels/activations.cc``), whose backward keeps only the input; MindSpore's autodiff
+    of ``formula`` keeps every intermediate and runs one kernel per operation. Inference, export and other devices
+    run ``formula``."""
+
+    FLOAT32 = ms.float32  # class attributes: MindSpore's AMP recompiles construct without module globals
+    kernel_name: ClassVar[Literal["Gelu", "Silu"]]
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.scale_tensor = Tensor([scale], ms.float32)
+        self.kernel = activation(self.kernel_name)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
+            return self.kernel(x, self.scale_tensor)
+        return self.formula(x)
+
+    def formula(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class SiLU(FusedActivation):
+    """SiLU ("swish", x · sigmoid(x)) times ``scale``."""
+
+    kernel_name = "Silu"
+
+    def formula(self, x: Tensor) -> Tensor:
+        return x * ops.sigmoid(x) * self.scale
 
 
 class DepthwiseConv2d(nn.Conv2d):

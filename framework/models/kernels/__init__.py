@@ -2,9 +2,11 @@
 
 MindSpore 2.8's CPU depthwise convolution (grouped, one channel per group) took 42 % of EfficientNet-B2's train
 step; ``depthwise.cc`` computes the same convolution and its two gradients per channel plane on every core.
-The library is compiled on first use into ``~/.cache/mindspore-hydra-classification/`` (``$XDG_CACHE_HOME``),
-named by a hash of the source, the compiler, its flags and the CPU, so a changed source or another machine
-builds its own. Without a compiler the layers keep MindSpore's kernels (one warning).
+``activations.cc`` holds fused activations (GELU, SiLU) whose backward keeps only their input, where MindSpore's
+autodiff of the formula keeps every intermediate. The sources are compiled together on first use into
+``~/.cache/mindspore-hydra-classification/`` (``$XDG_CACHE_HOME``), named by a hash of the sources, the compiler,
+its flags and the CPU, so a changed source or another machine builds its own. Without a compiler the layers keep
+MindSpore's kernels (one warning).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import mindspore as ms
 from mindspore import ops
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("depthwise.cc")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 
 
@@ -40,32 +43,38 @@ def library() -> str | None:
     """The built kernels' path, compiling them if this source, compiler and CPU have none yet; None if it fails."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        log.warning("no C++ compiler (g++) found: depthwise convolutions train on MindSpore's slower CPU kernel")
+        log.warning("no C++ compiler (g++) found: layers train on MindSpore's slower CPU kernels")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = "\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()))
+    key = "\0".join((*(source.read_text() for source in SOURCES), version, " ".join(FLAGS), _cpu_flags()))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mindspore-hydra-classification"
-    target = cache / f"depthwise-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    target = cache / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.is_file():
         return str(target)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # processes building at once each rename
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        built = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+        command = [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)]
+        built = subprocess.run(command, capture_output=True, text=True)
         if built.returncode != 0:
             raise OSError(built.stderr[-500:])
         os.replace(partial, target)
     except OSError as err:
-        log.warning("building %s into %s failed, depthwise convolutions use MindSpore's: %s", SOURCE, cache, err)
+        log.warning("building %s into %s failed, layers use MindSpore's kernels: %s", SOURCES[0].parent, cache, err)
         partial.unlink(missing_ok=True)
         return None
     return str(target)
 
 
+def cpu_library() -> str | None:
+    """The kernels' library when MindSpore runs on the CPU and it builds; None otherwise."""
+    return library() if ms.get_context("device_target") == "CPU" else None
+
+
 def depthwise_conv2d(kernel: int, stride: int) -> Callable[..., ms.Tensor] | None:
     """``op(x, weight)``: a k×k depthwise convolution with zero padding k//2 and its gradients, on the CPU;
     None elsewhere or without the library."""
-    path = library() if ms.get_context("device_target") == "CPU" else None
+    path = cpu_library()
     if path is None:
         return None
     padding = kernel // 2
@@ -83,3 +92,17 @@ def depthwise_conv2d(kernel: int, stride: int) -> Callable[..., ms.Tensor] | Non
     # attributes that tell the convolutions apart: MindSpore reuses one primitive's shape inference for another
     # with equal attributes (a stride-1 convolution got the output shape of a stride-2 one)
     return forward.add_prim_attr("kernel_size", kernel).add_prim_attr("stride", stride)
+
+
+def activation(name: Literal["Gelu", "Silu"]) -> Callable[[ms.Tensor, ms.Tensor], ms.Tensor] | None:
+    """``op(x, scale)``: ``scale`` (a one-element float32 tensor) times the activation of ``x`` (float32), with a
+    backward that keeps only ``x``; None off the CPU or without the library. ``Gelu`` is GELU's tanh form."""
+    path = cpu_library()
+    if path is None:
+        return None
+    backward = ops.Custom(f"{path}:{name}Backward", lambda dy, x, s: x, lambda dy, x, s: x, "aot")
+
+    def bprop(x: ms.Tensor, scale: ms.Tensor, out: ms.Tensor, dout: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+        return backward(dout, x, scale), ops.zeros_like(scale)
+
+    return ops.Custom(f"{path}:{name}Forward", lambda x, s: x, lambda x, s: x, "aot", bprop=bprop)

@@ -1,0 +1,120 @@
+// Fused activations for MindSpore's CPU training (framework/models/kernels/__init__.py builds them): one pass
+// forward, one pass backward that recomputes the activation from its input. MindSpore differentiates a formula
+// op by op and keeps each op's intermediate for the backward; these keep only the input, as PyTorch's fused
+// activations do. float32, any shape; ``scale`` is a one-element tensor multiplying the output (NFNet's gamma).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per thread at least: a thread's start costs ~0.1 ms
+
+// body(first, last) over [0, count) in contiguous slices, one per core (plain threads, as in depthwise.cc)
+template <typename Body>
+void parallel_slices(int64_t count, Body body) {
+  const int64_t cores = std::thread::hardware_concurrency();
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(cores, count / kGrain));
+  std::vector<std::thread> threads;
+  for (int64_t worker = 1; worker < workers; ++worker) {
+    threads.emplace_back(body, worker * count / workers, (worker + 1) * count / workers);
+  }
+  body(0, count / workers);
+  for (auto &thread : threads) thread.join();
+}
+
+// exp(x) to ~2 ulp in a form the compiler vectorises (Cephes' expf: 2^n times a degree-6 polynomial); glibc's
+// expf has vector variants only under -ffast-math, which would also loosen every other operation here
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+// GELU, tanh form, as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (0.5 (1 + tanh z) = sigmoid(2z))
+constexpr float kGeluScale = 1.5957691216057308f, kGeluCubic = 0.044715f;
+
+struct Gelu {
+  static float forward(float x) { return x * sigmoid(kGeluScale * (x + kGeluCubic * x * x * x)); }
+  static float derivative(float x) {
+    const float s = sigmoid(kGeluScale * (x + kGeluCubic * x * x * x));
+    return s + x * s * (1.0f - s) * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+  }
+};
+
+struct Silu {  // x * sigmoid(x), "swish"
+  static float forward(float x) { return x * sigmoid(x); }
+  static float derivative(float x) {
+    const float s = sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+  }
+};
+
+// params: x, scale, y
+template <typename Activation>
+int forward(void **params, int64_t **shapes, int ndims) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  int64_t count = 1;
+  for (int i = 0; i < ndims; ++i) count *= shapes[0][i];
+  parallel_slices(count, [=](int64_t first, int64_t last) {
+#pragma omp simd
+    for (int64_t i = first; i < last; ++i) y[i] = scale * Activation::forward(x[i]);
+  });
+  return 0;
+}
+
+// params: dy, x, scale, dx
+template <typename Activation>
+int backward(void **params, int64_t **shapes, int ndims) {
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  int64_t count = 1;
+  for (int i = 0; i < ndims; ++i) count *= shapes[0][i];
+  parallel_slices(count, [=](int64_t first, int64_t last) {
+#pragma omp simd
+    for (int64_t i = first; i < last; ++i) dx[i] = scale * dy[i] * Activation::derivative(x[i]);
+  });
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int GeluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return forward<Gelu>(params, shapes, ndims[0]);
+}
+
+int GeluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return backward<Gelu>(params, shapes, ndims[0]);
+}
+
+int SiluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return forward<Silu>(params, shapes, ndims[0]);
+}
+
+int SiluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return backward<Silu>(params, shapes, ndims[0]);
+}
+
+}  // extern "C"
