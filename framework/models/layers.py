@@ -10,7 +10,7 @@ import mindspore.ops as ops
 from mindspore import Tensor
 from mindspore.common.initializer import Initializer
 
-from framework.models.kernels import activation, depthwise_conv2d
+from framework.models.kernels import activation, depthwise_conv2d, pointwise_conv2d
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -76,13 +76,23 @@ class SiLU(FusedActivation):
         return x * ops.sigmoid(x) * self.scale
 
 
-class DepthwiseConv2d(nn.Conv2d):
-    """k×k depthwise convolution (one channel per group) with zero padding k//2 and no bias: MindSpore's
-    ``Conv2d``, whose float32 training on the CPU runs this project's kernel (``framework/models/kernels``:
-    EfficientNet-B2 trains 1.2-1.3x faster than on MindSpore 2.8's); inference, export and other devices run
-    MindSpore's."""
+class KernelConv2d(nn.Conv2d):
+    """MindSpore's ``Conv2d`` (same weights and names) whose float32 training on the CPU runs ``self.kernel``, one of
+    this project's kernels (``framework/models/kernels``); inference, export and other devices run MindSpore's."""
 
     FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
+            out = self.kernel(x, self.weight)
+        else:
+            out = self.conv2d(x, self.weight)
+        return self.bias_add(out, self.bias) if self.has_bias else out
+
+
+class DepthwiseConv2d(KernelConv2d):
+    """k×k depthwise convolution (one channel per group) with zero padding k//2 and no bias; CPU training runs the
+    project's kernel (EfficientNet-B2 trains 1.2-1.3x faster than on MindSpore 2.8's)."""
 
     def __init__(self, channels: int, kernel: int, stride: int = 1, weight_init: Initializer | str = "normal") -> None:
         super().__init__(
@@ -91,10 +101,25 @@ class DepthwiseConv2d(nn.Conv2d):
         )  # fmt: skip
         self.kernel = depthwise_conv2d(kernel, stride)
 
-    def construct(self, x: Tensor) -> Tensor:
-        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
-            return self.kernel(x, self.weight)
-        return self.conv2d(x, self.weight)
+
+class PointwiseConv2d(KernelConv2d):
+    """1×1 convolution; CPU training at stride 1 runs the project's OpenBLAS kernel (``pointwise.cc``).
+    ``weight_init``/``bias_init`` default to MindSpore's."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        has_bias: bool = False,
+        weight_init: Initializer | str | None = None,
+        bias_init: Initializer | str | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, 1, stride=stride, pad_mode="valid", has_bias=has_bias,
+            weight_init=weight_init, bias_init=bias_init,
+        )  # fmt: skip
+        self.kernel = pointwise_conv2d() if stride == 1 else None
 
 
 class StemMaxPool(nn.Cell):
@@ -139,9 +164,9 @@ class SqueezeExcite(nn.Cell):
 
     def __init__(self, channels: int, reduced: int, act: type[nn.Cell] = nn.ReLU) -> None:
         super().__init__()
-        self.conv_reduce = nn.Conv2d(channels, reduced, 1, has_bias=True)
+        self.conv_reduce = PointwiseConv2d(channels, reduced, has_bias=True)
         self.act = act()
-        self.conv_expand = nn.Conv2d(reduced, channels, 1, has_bias=True)
+        self.conv_expand = PointwiseConv2d(reduced, channels, has_bias=True)
         self.gate = nn.Sigmoid()
 
     def construct(self, x: Tensor) -> Tensor:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.common.initializer import HeNormal, Normal, initializer
 
+from framework.models.kernels import pointwise_conv2d
 from framework.models.layers import (
     ClassifierHead,
     DropPath,
@@ -43,6 +45,8 @@ class ScaledStdConv2d(nn.Cell):
 
     "SAME" padding as TensorFlow (extra row/column at the bottom/right for even sizes at stride 2).
     """
+
+    FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
 
     def __init__(
         self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, eps: float = 1e-5
@@ -66,17 +70,19 @@ class ScaledStdConv2d(nn.Cell):
         self.batch_norm = ops.BatchNorm(is_training=True, epsilon=eps, momentum=0.0)
         self.zeros = Tensor(np.zeros(out_ch, np.float32))
         self.ones = Tensor(np.ones(out_ch, np.float32))
+        # 1×1 at stride 1 (most of NFNet's FLOPs) trains on the CPU through the project's OpenBLAS kernel
+        self.pointwise = pointwise_conv2d() if kernel == 1 and stride == 1 and groups == 1 else None
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.training:
-            rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
-            factor = self.gain.reshape(-1) * self.scale
-            weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0]
-        else:
-            weight = self.standardised_weight()
-        return ops.conv2d(
-            x, weight.reshape(self.weight.shape), self.bias, stride=self.stride, pad_mode="same", groups=self.groups
-        )
+        if not self.training:
+            weight = self.standardised_weight().reshape(self.weight.shape)
+            return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
+        rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
+        factor = self.gain.reshape(-1) * self.scale
+        weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
+        if self.pointwise is not None and x.dtype == self.FLOAT32:
+            return ops.bias_add(self.pointwise(x, weight), self.bias)
+        return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
     def standardised_weight(self) -> Tensor:
         """The formula, for inference and export (ONNX has no training-mode BatchNorm in MindSpore's exporter)."""
