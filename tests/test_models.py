@@ -19,7 +19,7 @@ import pytest
 from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.models import create_model, list_models
-from framework.models.layers import DepthwiseConv2d, DropPath, PointwiseConv2d, SiLU, StemMaxPool
+from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
@@ -325,22 +325,32 @@ def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, st
         np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()), err_msg=name)
 
 
-@pytest.mark.parametrize("layer", ["pointwise", "scaled_std"])
-@pytest.mark.parametrize("size", [1, 3, 16, 17])  # under 16 x 16 the batch is packed side by side, from it per sample
-def test_pointwise_kernel_equals_mindspores_convolution_and_gradients(layer, size):
-    """The project's OpenBLAS 1×1 convolution (CPU training) against MindSpore's on the same weights, in
-    ``PointwiseConv2d`` and NFNet's ``ScaledStdConv2d``: output and the gradients of the input and every parameter
-    within 1e-5 of their largest value."""
-    make = {"pointwise": lambda: PointwiseConv2d(7, 5, has_bias=True), "scaled_std": lambda: ScaledStdConv2d(7, 5, 1)}
+@pytest.mark.parametrize(
+    ("layer", "kernel", "stride", "size"),
+    [
+        ("conv", 1, 1, 3), ("conv", 1, 1, 17), ("conv", 3, 1, 5), ("conv", 3, 2, 9), ("conv", 7, 2, 33),
+        ("scaled_std", 1, 1, 3), ("scaled_std", 3, 2, 8), ("scaled_std", 3, 1, 16), ("scaled_std", 3, 2, 33),
+    ],
+)  # fmt: skip
+def test_convolution_kernel_equals_mindspores_convolution_and_gradients(layer, kernel, stride, size):
+    """The project's OpenBLAS convolution (CPU training) against MindSpore's on the same weights, in ``BlasConv2d``
+    (padding k//2) and NFNet's ``ScaledStdConv2d`` (TensorFlow's "SAME"): output and the gradients of the input and
+    every parameter within 1e-5 of their largest value. Maps under 16 x 16 output pixels run as one product over the
+    batch, larger ones per sample."""
+    make = {
+        "conv": lambda: BlasConv2d(8, 6, kernel, stride, has_bias=True),
+        "scaled_std": lambda: ScaledStdConv2d(8, 6, kernel, stride),
+    }
     ours, reference = make[layer](), make[layer]()
-    assert getattr(ours, "kernel", getattr(ours, "pointwise", None)) is not None, "no kernel library (no g++?)"
-    setattr(reference, "kernel" if layer == "pointwise" else "pointwise", None)  # MindSpore's Conv2D
+    assert ours.kernel is not None, "the kernel library was not built (no g++?)"
+    reference.kernel = None  # MindSpore's Conv2D
     for mine, theirs in zip(ours.trainable_params(), reference.trainable_params(), strict=True):
         theirs.set_data(ms.Tensor(np.random.default_rng(len(mine.name)).standard_normal(mine.shape), ms.float32))
         mine.set_data(theirs.data.copy())
     rng = np.random.default_rng(size)
-    x = ms.Tensor(rng.standard_normal((3, 7, size, size)).astype(np.float32))
-    probe = ms.Tensor(rng.standard_normal((3, 5, size, size)).astype(np.float32))
+    x = ms.Tensor(rng.standard_normal((3, 8, size, size)).astype(np.float32))
+    out_shape = reference(x).shape
+    probe = ms.Tensor(rng.standard_normal(out_shape).astype(np.float32))
     results = []
     for net in (ours, reference):
         net.set_train(True)

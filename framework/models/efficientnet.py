@@ -17,10 +17,10 @@ from mindspore import Tensor
 from mindspore.common.initializer import Normal, Uniform
 
 from framework.models.layers import (
+    BlasConv2d,
     ClassifierHead,
     DepthwiseConv2d,
     DropPath,
-    PointwiseConv2d,
     SiLU,
     SqueezeExcite,
     make_divisible,
@@ -51,14 +51,11 @@ VARIANTS = {
 }
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> BlasConv2d:
     # TF/timm "goog" init: normal with std sqrt(2 / fan_out), fan_out = k*k*out/groups.
-    if kernel == 1:
-        return PointwiseConv2d(in_ch, out_ch, stride, weight_init=Normal(sigma=math.sqrt(2.0 / out_ch)))
-    return nn.Conv2d(
-        in_ch, out_ch, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, has_bias=False,
-        weight_init=Normal(sigma=math.sqrt(2.0 / (kernel * kernel * out_ch))),
-    )  # fmt: skip
+    return BlasConv2d(
+        in_ch, out_ch, kernel, stride, weight_init=Normal(sigma=math.sqrt(2.0 / (kernel * kernel * out_ch)))
+    )
 
 
 def _depthwise(channels: int, kernel: int, stride: int) -> DepthwiseConv2d:

@@ -10,7 +10,7 @@ import mindspore.ops as ops
 from mindspore import Tensor
 from mindspore.common.initializer import Initializer
 
-from framework.models.kernels import activation, depthwise_conv2d, pointwise_conv2d
+from framework.models.kernels import activation, conv2d, depthwise_conv2d, spec
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -84,7 +84,7 @@ class KernelConv2d(nn.Conv2d):
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
-            out = self.kernel(x, self.weight)
+            out = self.kernel(x, self.weight, self.spec)
         else:
             out = self.conv2d(x, self.weight)
         return self.bias_add(out, self.bias) if self.has_bias else out
@@ -100,26 +100,30 @@ class DepthwiseConv2d(KernelConv2d):
             has_bias=False, weight_init=weight_init,
         )  # fmt: skip
         self.kernel = depthwise_conv2d(kernel, stride)
+        self.spec = spec(stride)
 
 
-class PointwiseConv2d(KernelConv2d):
-    """1×1 convolution; CPU training at stride 1 runs the project's OpenBLAS kernel (``pointwise.cc``).
-    ``weight_init``/``bias_init`` default to MindSpore's."""
+class BlasConv2d(KernelConv2d):
+    """k×k convolution with zero padding k//2; CPU training runs the project's OpenBLAS kernel (``convolution.cc``)
+    where it is the faster one (``kernels.conv2d``). ``weight_init``/``bias_init`` default to MindSpore's."""
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
+        kernel: int,
         stride: int = 1,
+        groups: int = 1,
         has_bias: bool = False,
         weight_init: Initializer | str | None = None,
         bias_init: Initializer | str | None = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, 1, stride=stride, pad_mode="valid", has_bias=has_bias,
-            weight_init=weight_init, bias_init=bias_init,
+            in_channels, out_channels, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, group=groups,
+            has_bias=has_bias, weight_init=weight_init, bias_init=bias_init,
         )  # fmt: skip
-        self.kernel = pointwise_conv2d() if stride == 1 else None
+        self.kernel = conv2d(in_channels, kernel, stride, groups)
+        self.spec = spec(stride)
 
 
 class StemMaxPool(nn.Cell):
@@ -164,9 +168,9 @@ class SqueezeExcite(nn.Cell):
 
     def __init__(self, channels: int, reduced: int, act: type[nn.Cell] = nn.ReLU) -> None:
         super().__init__()
-        self.conv_reduce = PointwiseConv2d(channels, reduced, has_bias=True)
+        self.conv_reduce = BlasConv2d(channels, reduced, 1, has_bias=True)
         self.act = act()
-        self.conv_expand = PointwiseConv2d(reduced, channels, has_bias=True)
+        self.conv_expand = BlasConv2d(reduced, channels, 1, has_bias=True)
         self.gate = nn.Sigmoid()
 
     def construct(self, x: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.common.initializer import HeNormal, Normal, initializer
 
-from framework.models.kernels import pointwise_conv2d
+from framework.models.kernels import conv2d, spec
 from framework.models.layers import (
     ClassifierHead,
     DropPath,
@@ -70,8 +70,8 @@ class ScaledStdConv2d(nn.Cell):
         self.batch_norm = ops.BatchNorm(is_training=True, epsilon=eps, momentum=0.0)
         self.zeros = Tensor(np.zeros(out_ch, np.float32))
         self.ones = Tensor(np.ones(out_ch, np.float32))
-        # 1×1 at stride 1 (most of NFNet's FLOPs) trains on the CPU through the project's OpenBLAS kernel
-        self.pointwise = pointwise_conv2d() if kernel == 1 and stride == 1 and groups == 1 else None
+        # CPU training runs the project's OpenBLAS kernel where it is the faster one (kernels.conv2d)
+        self.kernel, self.spec = conv2d(in_ch, kernel, stride, groups, same=True), spec(stride, same=True)
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -80,8 +80,8 @@ class ScaledStdConv2d(nn.Cell):
         rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
         factor = self.gain.reshape(-1) * self.scale
         weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
-        if self.pointwise is not None and x.dtype == self.FLOAT32:
-            return ops.bias_add(self.pointwise(x, weight), self.bias)
+        if self.kernel is not None and x.dtype == self.FLOAT32:
+            return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
     def standardised_weight(self) -> Tensor:

@@ -15,24 +15,12 @@ import mindspore.nn as nn
 from mindspore import Tensor
 from mindspore.common.initializer import HeNormal
 
-from framework.models.layers import ClassifierHead, DropPath, PointwiseConv2d, StemMaxPool, linear_drop_path_rates
+from framework.models.layers import BlasConv2d, ClassifierHead, DropPath, StemMaxPool, linear_drop_path_rates
 from framework.models.registry import register_model
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    if kernel == 1:
-        return PointwiseConv2d(in_ch, out_ch, stride, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
-    return nn.Conv2d(
-        in_ch,
-        out_ch,
-        kernel,
-        stride=stride,
-        pad_mode="pad",
-        padding=kernel // 2,
-        group=groups,
-        has_bias=False,
-        weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
-    )
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> BlasConv2d:
+    return BlasConv2d(in_ch, out_ch, kernel, stride, groups, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
 
 
 def _bn(channels: int, zero_init: bool = False) -> nn.BatchNorm2d:

@@ -1,8 +1,8 @@
 // Depthwise 2-D convolution for MindSpore's CPU training (framework/models/kernels/__init__.py builds it):
 // NCHW float32, one channel per group, square kernel K, stride S, zero padding K/2 on every side (nn.Conv2d with
 // pad_mode="pad", padding=K//2), no bias. With MindSpore 2.8's CPU depthwise kernel EfficientNet-B2 trained at 38.7
-// img/s (64 px, batch 32), with this one at 46-50. Each function has MindSpore's AOT signature; the stride is
-// recovered from the shapes. Two layouts, chosen by the map's width (kPackedBelow):
+// img/s (64 px, batch 32), with this one at 46-50. Each function has MindSpore's AOT signature and takes the
+// stride in an int32 spec tensor (stride, padding rule: always 0 here). Two layouts, chosen by the map's width (kPackedBelow):
 // - wide maps slide each (sample, channel) plane, vectorised along its rows;
 // - narrow maps (rows too short to vectorise, and a per-row cost that dominated: 1,248 channels of 2x2 took 6.9 ms
 //   forward, now 0.7) copy one channel of every sample into a zero-padded (H + 2p, W + 2p, N) buffer and vectorise
@@ -35,11 +35,9 @@ struct Shape {
   int64_t n, c, h, w, k, oh, ow, s, p;
 };
 
-// x: input (N, C, H, W); kernel: (C, 1, K, K); out: (N, C, OH, OW)
-Shape shape_of(const int64_t *x, const int64_t *kernel, const int64_t *out) {
-  Shape d{x[0], x[1], x[2], x[3], kernel[2], out[2], out[3], 1, kernel[2] / 2};
-  while (d.s < d.h && (d.h + 2 * d.p - d.k) / d.s + 1 != d.oh) ++d.s;
-  return d;
+// x: input (N, C, H, W); kernel: (C, 1, K, K); out: (N, C, OH, OW); spec: stride, padding rule
+Shape shape_of(const int64_t *x, const int64_t *kernel, const int64_t *out, const void *spec) {
+  return {x[0], x[1], x[2], x[3], kernel[2], out[2], out[3], *static_cast<const int32_t *>(spec), kernel[2] / 2};
 }
 
 // body(i, j) for every element of channel c of a (N, C, rows, cols) tensor: i its index there, j its index in the
@@ -203,27 +201,27 @@ void weight_gradient(const float *dy, const float *x, float *dweight, const Shap
 
 extern "C" {
 
-// params: x, weight, y
+// params: x, weight, spec, y
 int DepthwiseForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const float *x = static_cast<const float *>(params[0]);
-  convolve<false>(x, static_cast<const float *>(params[1]), static_cast<float *>(params[2]),
-                  shape_of(shapes[0], shapes[1], shapes[2]));
+  convolve<false>(x, static_cast<const float *>(params[1]), static_cast<float *>(params[3]),
+                  shape_of(shapes[0], shapes[1], shapes[3], params[2]));
   return 0;
 }
 
-// params: dy, weight, x (its shape), dx
+// params: dy, weight, x (its shape), spec, dx
 int DepthwiseBackwardInput(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const float *dy = static_cast<const float *>(params[0]);
-  convolve<true>(dy, static_cast<const float *>(params[1]), static_cast<float *>(params[3]),
-                 shape_of(shapes[2], shapes[1], shapes[0]));
+  convolve<true>(dy, static_cast<const float *>(params[1]), static_cast<float *>(params[4]),
+                 shape_of(shapes[2], shapes[1], shapes[0], params[3]));
   return 0;
 }
 
-// params: dy, x, weight (its shape), dweight
+// params: dy, x, weight (its shape), spec, dweight
 int DepthwiseBackwardWeight(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
-  weight_gradient(dy, x, static_cast<float *>(params[3]), shape_of(shapes[1], shapes[2], shapes[0]));
+  weight_gradient(dy, x, static_cast<float *>(params[4]), shape_of(shapes[1], shapes[2], shapes[0], params[3]));
   return 0;
 }
 
