@@ -130,9 +130,15 @@ void product(bool trans_a, bool trans_b, int64_t first, int64_t last, int64_t co
                     c + first * ldc, ldc);
 }
 
-}  // namespace
-
-namespace {
+// every sample's columns side by side: col (Ci k k x N * P)
+std::vector<float> batch_columns(const float *x, const Geometry &g) {
+  const int64_t p = g.pixels(), cols = g.n * p;
+  std::vector<float> col(g.depth() * cols);
+  parallel_slices(g.n, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) im2col(x + s * g.map(), g, col.data() + s * p, cols);
+  });
+  return col;
+}
 
 // y = W col per sample
 void forward(const float *x, const float *w, float *y, const Geometry &g) {
@@ -150,10 +156,8 @@ void forward(const float *x, const float *w, float *y, const Geometry &g) {
     return;
   }
   const int64_t cols = g.n * p;
-  std::vector<float> col(depth * cols), out(g.co * cols);
-  parallel_slices(g.n, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) im2col(x + s * g.map(), g, col.data() + s * p, cols);
-  });
+  const std::vector<float> col = batch_columns(x, g);
+  std::vector<float> out(g.co * cols);
   parallel_slices(g.co, [&](int64_t first, int64_t last) {
     product(false, false, first, last, cols, depth, w, depth, col.data(), cols, 0.0f, out.data(), cols);
   });
@@ -201,11 +205,9 @@ void backward_weight(const float *dy, const float *x, float *dw, const Geometry 
     return;
   }
   const int64_t cols = g.n * p;
-  std::vector<float> grad(g.co * cols), col(depth * cols);
+  std::vector<float> grad(g.co * cols);
   side_by_side(dy, grad.data(), g.n, g.co, p, true);
-  parallel_slices(g.n, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) im2col(x + s * g.map(), g, col.data() + s * p, cols);
-  });
+  const std::vector<float> col = batch_columns(x, g);
   parallel_slices(g.co, [&](int64_t first, int64_t last) {
     product(false, true, first, last, depth, cols, grad.data(), cols, col.data(), cols, 0.0f, dw, depth);
   });
