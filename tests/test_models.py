@@ -19,6 +19,7 @@ import pytest
 from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.models import create_model, list_models
+from framework.models.kernels import ANY_SIZE
 from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
 from framework.models.registry import model_class
@@ -343,6 +344,7 @@ def test_convolution_kernel_equals_mindspores_convolution_and_gradients(layer, k
     }
     ours, reference = make[layer](), make[layer]()
     assert ours.kernel is not None, "the kernel library was not built (no g++?)"
+    ours.max_pixels = ANY_SIZE  # the kernel at every size, not only where it is routed
     reference.kernel = None  # MindSpore's Conv2D
     for mine, theirs in zip(ours.trainable_params(), reference.trainable_params(), strict=True):
         theirs.set_data(ms.Tensor(np.random.default_rng(len(mine.name)).standard_normal(mine.shape), ms.float32))

@@ -10,7 +10,7 @@ import mindspore.ops as ops
 from mindspore import Tensor
 from mindspore.common.initializer import Initializer
 
-from framework.models.kernels import activation, conv2d, depthwise_conv2d, spec
+from framework.models.kernels import ANY_SIZE, activation, conv2d, depthwise_conv2d, spec
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -78,12 +78,15 @@ class SiLU(FusedActivation):
 
 class KernelConv2d(nn.Conv2d):
     """MindSpore's ``Conv2d`` (same weights and names) whose float32 training on the CPU runs ``self.kernel``, one of
-    this project's kernels (``framework/models/kernels``); inference, export and other devices run MindSpore's."""
+    this project's kernels (``framework/models/kernels``), on inputs of at most ``self.max_pixels`` pixels (H·W, a
+    constant when the graph compiles); inference, export, other sizes and devices run MindSpore's."""
 
     FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
+    max_pixels = ANY_SIZE
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
+        fits = x.shape[2] * x.shape[3] <= self.max_pixels
+        if self.training and self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             out = self.kernel(x, self.weight, self.spec)
         else:
             out = self.conv2d(x, self.weight)
@@ -105,7 +108,8 @@ class DepthwiseConv2d(KernelConv2d):
 
 class BlasConv2d(KernelConv2d):
     """k×k convolution with zero padding k//2; CPU training runs the project's OpenBLAS kernel (``convolution.cc``)
-    where it is the faster one (``kernels.conv2d``). ``weight_init``/``bias_init`` default to MindSpore's."""
+    on the layers and sizes where it is the faster one (``kernels.conv2d``). ``weight_init``/``bias_init`` default
+    to MindSpore's."""
 
     def __init__(
         self,
@@ -122,7 +126,7 @@ class BlasConv2d(KernelConv2d):
             in_channels, out_channels, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, group=groups,
             has_bias=has_bias, weight_init=weight_init, bias_init=bias_init,
         )  # fmt: skip
-        self.kernel = conv2d(in_channels, kernel, stride, groups)
+        self.kernel, self.max_pixels = conv2d(in_channels, kernel, stride, groups) or (None, 0)
         self.spec = spec(stride)
 
 

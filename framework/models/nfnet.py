@@ -70,8 +70,9 @@ class ScaledStdConv2d(nn.Cell):
         self.batch_norm = ops.BatchNorm(is_training=True, epsilon=eps, momentum=0.0)
         self.zeros = Tensor(np.zeros(out_ch, np.float32))
         self.ones = Tensor(np.ones(out_ch, np.float32))
-        # CPU training runs the project's OpenBLAS kernel where it is the faster one (kernels.conv2d)
-        self.kernel, self.spec = conv2d(in_ch, kernel, stride, groups, same=True), spec(stride, same=True)
+        # CPU training runs the project's OpenBLAS kernel on the layers and sizes where it is faster (kernels.conv2d)
+        self.kernel, self.max_pixels = conv2d(in_ch, kernel, stride, groups, same=True) or (None, 0)
+        self.spec = spec(stride, same=True)
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -80,7 +81,7 @@ class ScaledStdConv2d(nn.Cell):
         rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
         factor = self.gain.reshape(-1) * self.scale
         weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
-        if self.kernel is not None and x.dtype == self.FLOAT32:
+        if self.kernel is not None and x.dtype == self.FLOAT32 and x.shape[2] * x.shape[3] <= self.max_pixels:
             return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 

@@ -28,6 +28,7 @@ from mindspore import ops
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
+ANY_SIZE = 1 << 62  # a kernel's max_pixels when it runs on maps of any size
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 
 
@@ -119,24 +120,33 @@ def depthwise_conv2d(kernel: int, stride: int) -> Callable[..., ms.Tensor] | Non
 
 def conv2d(
     in_channels: int, kernel: int, stride: int, groups: int, same: bool = False
-) -> Callable[..., ms.Tensor] | None:
-    """``op(x, weight, spec(stride, same))``: a k×k convolution (no bias) with zero padding k//2 or TensorFlow's
-    "SAME", and its gradients, on the CPU as OpenBLAS products, where they beat MindSpore 2.8's kernel; None
-    elsewhere or without the library.
+) -> tuple[Callable[..., ms.Tensor], int] | None:
+    """``(op, max_pixels)``: ``op(x, weight, spec(stride, same))`` is a k×k convolution (no bias) with zero padding
+    k//2 or TensorFlow's "SAME", and its gradients, on the CPU as OpenBLAS products; it beats MindSpore 2.8's
+    kernel on inputs of at most ``max_pixels`` pixels (H·W). None where it does not, off the CPU or without the
+    library.
 
-    Measured per layer (train step, batch 32, 2 threads): 1×1 at stride 1 and narrow inputs (stems, at most 576
-    products per output pixel) gain (NFNet-F0 1536 -> 3072 channels on 2 x 2: 90 -> ~25 ms; ResNet's 7×7 stem
-    30.4 -> 19.1 ms). Wider 3×3 and grouped convolutions lose (128 channels on 16 x 16: 35.9 -> 61.2 ms;
-    ResNeXt's 32 groups 12.1 -> 25.4 ms), and MindSpore keeps them."""
-    pays = groups == 1 and ((kernel == 1 and stride == 1) or in_channels * kernel * kernel <= 576)
-    path = cpu_library() if pays else None
+    Measured per layer (train step, batch 32, 2 threads): 1×1 convolutions gain on maps of 2 × 2 and less
+    (2048 -> 1024 channels on 2 × 2: 48.4 -> 16.0 ms), are even on 4 × 4 and lose from 8 × 8 on (256 -> 512
+    channels on 8 × 8: 6.1 -> 18.6 ms; on 56 × 56 at 224 px 99 -> 129 ms). Stems (at most 576 products per
+    output pixel) gain at any size (ResNet's 7×7 at 64 px 30.4 -> 19.1 ms). Wider 3×3 and grouped convolutions
+    lose (128 channels on 16 × 16: 35.9 -> 61.2 ms; ResNeXt's 32 groups 12.1 -> 25.4 ms)."""
+    if groups != 1:
+        return None
+    if kernel == 1 and stride == 1:
+        max_pixels = 4
+    elif in_channels * kernel * kernel <= 576:
+        max_pixels = ANY_SIZE
+    else:
+        return None
+    path = cpu_library()
     if path is None:
         return None
 
     def out_shape(x: list[int], weight: list[int], _: list[int]) -> list[int]:
         return [x[0], weight[0], *(_output_size(size, kernel, stride, same) for size in x[2:])]
 
-    return _convolution(path, "Convolution", out_shape, kernel_size=kernel, stride=stride, same=int(same))
+    return _convolution(path, "Convolution", out_shape, kernel_size=kernel, stride=stride, same=int(same)), max_pixels
 
 
 def _output_size(size: int, kernel: int, stride: int, same: bool) -> int:
