@@ -2,7 +2,7 @@
 
 MindSpore 2.8's CPU depthwise convolution (grouped, one channel per group) took 42 % of EfficientNet-B2's train
 step; ``depthwise.cc`` computes the same convolution and its two gradients per channel plane on every core.
-``convolution.cc`` runs other convolutions as OpenBLAS matrix products (MindSpore's reached ~25 GFLOP/s on 1×1s).
+``convolution.cc`` runs convolutions as OpenBLAS matrix products where those beat MindSpore's (``conv2d``).
 ``activations.cc`` holds fused activations (GELU, SiLU) whose backward keeps only their input, where MindSpore's
 autodiff of the formula keeps every intermediate. The sources are compiled together on first use into
 ``~/.cache/mindspore-hydra-classification/`` (``$XDG_CACHE_HOME``), named by a hash of the sources, the compiler,

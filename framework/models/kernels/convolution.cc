@@ -1,9 +1,9 @@
 // Convolution as matrix products for MindSpore's CPU training (framework/models/kernels/__init__.py builds it):
 // NCHW float32, k x k, any stride, one group, no bias, zero padding either k/2 on every side or TensorFlow's
 // "SAME" (the odd pixel at the bottom and right). The products run in OpenBLAS (the scipy-openblas32 wheel), each on
-// one thread, the products split over the cores as in depthwise.cc. MindSpore 2.8's CPU convolution reached ~25
-// GFLOP/s on NFNet-F0's 1x1 layers at 64 px, OpenBLAS ~190 on the same products (1536 -> 3072 channels, 2 x 2 map,
-// batch 32: 25.2 ms forward, as one product 6.3 ms).
+// one thread, the products split over the cores as in depthwise.cc. MindSpore 2.8's CPU convolution is slow on
+// tiny maps and narrow stems: NFNet-F0's 1536 -> 3072 channel 1x1 on a 2 x 2 map, batch 32, took 25.2 ms forward
+// (~25 GFLOP/s), as one product 6.3 ms. framework/models/kernels/__init__.py:conv2d says which layers use it.
 //
 // Per sample, out (Co x P) = W (Co x Ci k k) col (Ci k k x P), P = OH * OW, where col holds the
 // input pixel under each kernel tap ("im2col"; a 1x1 convolution at stride 1 uses the input itself). Maps of at
