@@ -91,9 +91,12 @@ def test_benchmark_side_by_side_with_timm_and_op_profiles(tmp_path):
         with (tmp_path / "run" / "benchmark" / f"profile_{name}.csv").open() as f:
             rows = list(csv.DictReader(f))
         assert sum(float(r["percent"]) for r in rows) == pytest.approx(100, abs=0.1)
-        (row,) = [r for r in rows if r["op"] == conv]
-        assert float(row["calls_per_step"]) == 53  # ResNeXt-50 has 53 convolutions
-        assert float(row["ms_per_step"]) > 0
+        calls = {r["op"]: float(r["calls_per_step"]) for r in rows}
+        # ResNeXt-50 has 53 convolutions. Ours trains some through the project's kernel (framework/models/kernels),
+        # ResNeXt's only Custom ops: three per convolution (with its two gradients), but for the stem's input
+        # gradient, which nothing needs
+        assert calls[conv] + (calls.get("Custom", 0) + 1) // 3 == 53
+        assert float(next(r for r in rows if r["op"] == conv)["ms_per_step"]) > 0
 
 
 def test_the_readme_table_is_measured_row_by_row_and_written_between_its_markers(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
+from framework.engine.step import apply_amp
 from framework.models import create_model, list_models
 from framework.models.kernels import ANY_SIZE
 from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, StemMaxPool
@@ -97,6 +98,31 @@ def test_every_family_trains_in_mixed_precision(make_config, group, model):
     images = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
     loss, finite = step(images, ms.Tensor(np.array([0, 1, 2, 3], np.int32)))
     assert np.isfinite(float(loss.asnumpy())) and bool(finite.asnumpy())
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("layer", ["conv", "scaled_std", "depthwise", "silu", "gelu"])
+def test_kernel_layers_step_aside_under_mixed_precision(layer, mode):
+    """amp_level O2 casts the inputs of every op in a cell to float16, the project's float32 CPU kernels' too: a
+    layer must then run MindSpore's ops, and give what it gives without its kernel. (With the kernel, NFNet-F0's
+    loss under the nfnet_f0_imagenet recipe's O2 was NaN.)"""
+    ms.set_context(mode=mode)
+    make = {
+        "conv": lambda: BlasConv2d(8, 6, 3), "scaled_std": lambda: ScaledStdConv2d(8, 6, 3),
+        "depthwise": lambda: DepthwiseConv2d(8, 3), "silu": lambda: SiLU(), "gelu": lambda: GammaGELU(),
+    }  # fmt: skip
+    ours, reference = make[layer](), make[layer]()
+    assert ours.kernel is not None, "the kernel library was not built (no g++?)"
+    reference.kernel = None
+    for mine, theirs in zip(ours.trainable_params(), reference.trainable_params(), strict=True):
+        mine.set_data(theirs.data.copy())
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 8, 12, 12)).astype(np.float32))
+    outputs = []
+    for net in (ours, reference):
+        net = apply_amp(net, "O2")
+        net.set_train(True)
+        outputs.append(net(x).asnumpy())
+    np.testing.assert_allclose(*outputs, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow  # full-size models: the *_test variants cover each family in the quick tier

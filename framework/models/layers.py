@@ -59,7 +59,10 @@ class FusedActivation(nn.Cell):
         self.kernel = activation(self.kernel_name)
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.training and self.kernel is not None and x.dtype == self.FLOAT32:
+        # under mixed precision (amp_level O2/O3) MindSpore casts every op's inputs in the cell to float16, the
+        # kernel's too: it takes float32 only
+        full_precision = self.mixed_precision_type is None
+        if self.training and self.kernel is not None and x.dtype == self.FLOAT32 and full_precision:
             return self.kernel(x, self.scale_tensor)
         return self.formula(x)
 
@@ -85,7 +88,8 @@ class KernelConv2d(nn.Conv2d):
     max_pixels = ANY_SIZE
 
     def construct(self, x: Tensor) -> Tensor:
-        fits = x.shape[2] * x.shape[3] <= self.max_pixels
+        # mixed precision casts every op's inputs to float16 (FusedActivation); the size is a graph constant
+        fits = x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
         if self.training and self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             out = self.kernel(x, self.weight, self.spec)
         else:

@@ -81,7 +81,9 @@ class ScaledStdConv2d(nn.Cell):
         rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
         factor = self.gain.reshape(-1) * self.scale
         weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
-        if self.kernel is not None and x.dtype == self.FLOAT32 and x.shape[2] * x.shape[3] <= self.max_pixels:
+        # mixed precision casts every op's inputs to float16 (layers.FusedActivation); the kernel takes float32
+        fits = x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
+        if self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
 
