@@ -57,8 +57,8 @@ def library() -> str | None:
         log.warning("no C++ compiler (g++) found: layers train on MindSpore's slower CPU kernels")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    flags = (*FLAGS, *_blas_flags())
-    key = "\0".join((*(source.read_text() for source in SOURCES), version, " ".join(flags), _cpu_flags()))
+    blas = _blas_flags()
+    key = "\0".join((*(source.read_text() for source in SOURCES), version, " ".join((*FLAGS, *blas)), _cpu_flags()))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mindspore-hydra-classification"
     target = cache / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.is_file():
@@ -66,7 +66,7 @@ def library() -> str | None:
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # processes building at once each rename
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        command = [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), *_blas_flags()]
+        command = [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES), *blas]
         built = subprocess.run(command, capture_output=True, text=True)
         if built.returncode != 0:
             raise OSError(built.stderr[-500:])
