@@ -38,6 +38,33 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.finished = signum, finished
 
 
+def interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt an error stands for, if any: a stop signal raises ``Interrupted`` wherever Python happens to
+    be, and a library cleaning up on the way out can replace it with its own error (OmegaConf turns one raised
+    mid-merge into ``ConfigKeyError``: a Ctrl-C while a trial built its optimizer failed the trial, and the sweep
+    went on). The interrupt stays in the error's chain of causes."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+@contextmanager
+def interrupts_unwrapped() -> Iterator[None]:
+    """Within the block an error hiding an interrupt (``interrupt_behind``) is raised as that interrupt."""
+    try:
+        yield
+    except Exception as err:
+        interrupt = interrupt_behind(err)
+        if interrupt is None:
+            raise
+        raise interrupt from None
+
+
 def exit_status(err: KeyboardInterrupt) -> int:
     """130 after SIGINT (and Python's own Ctrl-C), 143 after SIGTERM."""
     return 128 + int(getattr(err, "signum", signal.SIGINT))

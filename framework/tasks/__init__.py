@@ -19,7 +19,7 @@ from framework.engine import FitResult
 from framework.errors import user_error
 from framework.launch.slurm import slurm_gres, slurm_master_addr
 from framework.paths import PROJECT_ROOT, project_root, rank_dir_name
-from framework.runtime.signals import exit_status
+from framework.runtime.signals import exit_status, interrupts_unwrapped
 from framework.tasks.common import run_tags
 from framework.tracking.mlflow_run import PARENT_RUN_ENV, TRIAL_ENV
 from framework.tracking.naming import run_name
@@ -79,8 +79,9 @@ def run(cfg: DictConfig) -> Any:
 
 def execute(cfg: DictConfig) -> Any:
     """Check the whole run spec (every key, type, choice and range), then run the task it names."""
-    check_config(cfg)
-    return get_method(cfg.task._target_)(cfg)
+    with interrupts_unwrapped():
+        check_config(cfg)
+        return get_method(cfg.task._target_)(cfg)
 
 
 def run_trial(cfg: DictConfig) -> Any:

@@ -29,7 +29,12 @@ from framework.launch.compile_cache import compile_cache, file_fingerprint
 from framework.launch.msrun import RESULT_FILE, JobFailed
 from framework.models.registry import parameter_depth
 from framework.optim.schedules import Schedule, UpdateLr, plot_schedule
-from framework.runtime.signals import deferred_stop, raise_unheeded_stop, stop_signals_interrupt
+from framework.runtime.signals import (
+    deferred_stop,
+    interrupts_unwrapped,
+    raise_unheeded_stop,
+    stop_signals_interrupt,
+)
 from framework.runtime.world import World, is_msrun_process
 from framework.tasks.common import (
     Resume,
@@ -60,7 +65,8 @@ def train(cfg: DictConfig) -> FitResult:
     hardware = prepare(cfg)
     run_dir = Path(cfg.paths.run_dir)
     try:
-        return _train(cfg, hardware, run_dir)
+        with interrupts_unwrapped():
+            return _train(cfg, hardware, run_dir)
     except (KeyboardInterrupt, TrainingDiverged, JobFailed) as err:
         finished = getattr(err, "finished", False)  # a stop signal came as training ended
         if not finished and not is_msrun_process() and (run_dir / "checkpoints" / "last.ckpt").is_file():

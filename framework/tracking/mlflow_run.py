@@ -43,6 +43,7 @@ from requests.exceptions import RequestException
 from framework.config import ConfigError
 from framework.paths import unwritable
 from framework.runtime.environment import environment
+from framework.runtime.signals import interrupt_behind
 from framework.tracking.spool import Spool, record_micro_step
 from framework.tracking.views import TRAINING_VIEW_KEY, VIEW_TAG_PREFIX, training_view
 
@@ -238,11 +239,8 @@ class MlflowTracker:
         status = RunStatus.FINISHED
         try:
             yield run
-        except KeyboardInterrupt:
-            status = RunStatus.KILLED
-            raise
-        except BaseException:
-            status = RunStatus.FAILED
+        except BaseException as err:
+            status = RunStatus.FAILED if interrupt_behind(err) is None else RunStatus.KILLED
             raise
         finally:
             run.end(status)
