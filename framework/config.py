@@ -290,16 +290,22 @@ def _first_value(override: Any, arg: str) -> str:
 
 
 def _unknown_key(key: str, arg: str, cfg: DictConfig) -> str:
-    """One line for an override of a key the composed config does not have, with the likely intended key."""
-    parent, _, leaf = key.rpartition(".")
+    """One line for an override of a key the composed config does not have: its first missing part, with the
+    likely intended key or the keys its parent has (``trainer.epochs``: ``trainer`` is the unknown part)."""
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts) - 1 and isinstance(OmegaConf.select(cfg, ".".join(parts[: depth + 1])), DictConfig):
+        depth += 1
+    parent, missing = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
     node = OmegaConf.select(cfg, parent) if parent else cfg
     known = sorted(map(str, node.keys())) if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(parts[depth], known, n=1, cutoff=0.75)
     if close:
         fixed = f"{parent}.{close[0]}" if parent else close[0]
-        return f"unknown config group or key '{key}' ({arg}). Did you mean '{fixed}'? Fix: {arg.replace(key, fixed, 1)}"
+        fix = arg.replace(missing, fixed, 1)
+        return f"unknown config group or key '{missing}' ({arg}). Did you mean '{fixed}'? Fix: {fix}"
     where = f"'{parent}' has" if parent else "the config's top level has"
-    return f"unknown config group or key '{key}' ({arg}): {where} {', '.join(known)}. Fix: one of those keys"
+    return f"unknown config group or key '{missing}' ({arg}): {where} {', '.join(known)}. Fix: one of those keys"
 
 
 def overrides() -> list[str]:

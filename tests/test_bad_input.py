@@ -33,6 +33,14 @@ def assert_no_runs(tmp_path: Path) -> None:
         (["model=resnext5O"], "model=resnext5O: no such choice in config group 'model'; choices: conformer_ti, "),
         (["epochz=3"], "unknown config group or key 'epochz' (epochz=3): the config's top level has allowed_targets,"),
         (
+            ["trainer.max_epochs=1"],  # the unknown part is the group, not its key
+            "unknown config group or key 'trainer' (trainer.max_epochs=1): the config's top level has allowed_targets,",
+        ),
+        (
+            ["engin.epochs=1"],
+            "unknown config group or key 'engin' (engin.epochs=1). Did you mean 'engine'? Fix: engine.epochs=1",
+        ),
+        (
             ["engine.epoch=3"],
             "unknown config group or key 'engine.epoch' (engine.epoch=3). Did you mean 'engine.epochs'? "
             "Fix: engine.epochs=3",
