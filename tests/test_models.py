@@ -20,7 +20,7 @@ from framework.config import build
 from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.engine.step import apply_amp
 from framework.models import create_model, list_models
-from framework.models.kernels import ANY_SIZE
+from framework.models.kernels import ANY_SIZE, convolution
 from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
 from framework.models.registry import model_class
@@ -353,24 +353,27 @@ def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, st
 
 
 @pytest.mark.parametrize(
-    ("layer", "kernel", "stride", "size"),
+    ("layer", "kernel", "stride", "size", "groups"),
     [
-        ("conv", 1, 1, 3), ("conv", 1, 1, 17), ("conv", 3, 1, 5), ("conv", 3, 2, 9), ("conv", 7, 2, 33),
-        ("scaled_std", 1, 1, 3), ("scaled_std", 3, 2, 8), ("scaled_std", 3, 1, 16), ("scaled_std", 3, 2, 33),
+        ("conv", 1, 1, 3, 1), ("conv", 1, 1, 17, 1), ("conv", 3, 1, 5, 1), ("conv", 3, 2, 9, 1), ("conv", 7, 2, 33, 1),
+        ("conv", 3, 1, 5, 2), ("conv", 3, 1, 15, 2), ("conv", 3, 2, 29, 2),
+        ("scaled_std", 1, 1, 3, 1), ("scaled_std", 3, 2, 8, 1), ("scaled_std", 3, 1, 16, 1),
+        ("scaled_std", 3, 2, 33, 1), ("scaled_std", 3, 2, 8, 2), ("scaled_std", 3, 1, 16, 2),
     ],
 )  # fmt: skip
-def test_convolution_kernel_equals_mindspores_convolution_and_gradients(layer, kernel, stride, size):
+def test_convolution_kernel_equals_mindspores_convolution_and_gradients(layer, kernel, stride, size, groups):
     """The project's OpenBLAS convolution (CPU training) against MindSpore's on the same weights, in ``BlasConv2d``
-    (padding k//2) and NFNet's ``ScaledStdConv2d`` (TensorFlow's "SAME"): output and the gradients of the input and
-    every parameter within 1e-5 of their largest value. Maps under 16 x 16 output pixels run as one product over the
-    batch, larger ones per sample."""
+    (padding k//2) and NFNet's ``ScaledStdConv2d`` (TensorFlow's "SAME"), with one group or two: output and the
+    gradients of the input and every parameter within 1e-5 of their largest value. Maps under 14 x 14 output pixels
+    run as one product over the batch, larger ones per sample."""
     make = {
-        "conv": lambda: BlasConv2d(8, 6, kernel, stride, has_bias=True),
-        "scaled_std": lambda: ScaledStdConv2d(8, 6, kernel, stride),
+        "conv": lambda: BlasConv2d(8, 6, kernel, stride, groups, has_bias=True),
+        "scaled_std": lambda: ScaledStdConv2d(8, 6, kernel, stride, groups),
     }
     ours, reference = make[layer](), make[layer]()
+    ours.kernel = convolution(kernel, stride, same=layer == "scaled_std")  # at every size, not only where routed
     assert ours.kernel is not None, "the kernel library was not built (no g++?)"
-    ours.max_pixels = ANY_SIZE  # the kernel at every size, not only where it is routed
+    ours.min_pixels, ours.max_pixels = 0, ANY_SIZE
     reference.kernel = None  # MindSpore's Conv2D
     for mine, theirs in zip(ours.trainable_params(), reference.trainable_params(), strict=True):
         theirs.set_data(ms.Tensor(np.random.default_rng(len(mine.name)).standard_normal(mine.shape), ms.float32))

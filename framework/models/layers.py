@@ -81,15 +81,16 @@ class SiLU(FusedActivation):
 
 class KernelConv2d(nn.Conv2d):
     """MindSpore's ``Conv2d`` (same weights and names) whose float32 training on the CPU runs ``self.kernel``, one of
-    this project's kernels (``framework/models/kernels``), on inputs of at most ``self.max_pixels`` pixels (H·W, a
-    constant when the graph compiles); inference, export, other sizes and devices run MindSpore's."""
+    this project's kernels (``framework/models/kernels``), on inputs of ``self.min_pixels`` to ``self.max_pixels``
+    pixels (H·W, a constant when the graph compiles); inference, export, other sizes and devices run MindSpore's."""
 
     FLOAT32 = ms.float32  # a class attribute: MindSpore's AMP recompiles construct without module globals
+    min_pixels = 0
     max_pixels = ANY_SIZE
 
     def construct(self, x: Tensor) -> Tensor:
         # mixed precision casts every op's inputs to float16 (FusedActivation); the size is a graph constant
-        fits = x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
+        fits = self.min_pixels <= x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
         if self.training and self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             out = self.kernel(x, self.weight, self.spec)
         else:
@@ -130,7 +131,7 @@ class BlasConv2d(KernelConv2d):
             in_channels, out_channels, kernel, stride=stride, pad_mode="pad", padding=kernel // 2, group=groups,
             has_bias=has_bias, weight_init=weight_init, bias_init=bias_init,
         )  # fmt: skip
-        self.kernel, self.max_pixels = conv2d(in_channels, kernel, stride, groups) or (None, 0)
+        self.kernel, self.min_pixels, self.max_pixels = conv2d(in_channels, kernel, stride, groups) or (None, 0, 0)
         self.spec = spec(stride)
 
 

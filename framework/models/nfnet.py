@@ -71,7 +71,7 @@ class ScaledStdConv2d(nn.Cell):
         self.zeros = Tensor(np.zeros(out_ch, np.float32))
         self.ones = Tensor(np.ones(out_ch, np.float32))
         # CPU training runs the project's OpenBLAS kernel on the layers and sizes where it is faster (kernels.conv2d)
-        self.kernel, self.max_pixels = conv2d(in_ch, kernel, stride, groups, same=True) or (None, 0)
+        self.kernel, self.min_pixels, self.max_pixels = conv2d(in_ch, kernel, stride, groups, same=True) or (None, 0, 0)
         self.spec = spec(stride, same=True)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -82,7 +82,7 @@ class ScaledStdConv2d(nn.Cell):
         factor = self.gain.reshape(-1) * self.scale
         weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
         # mixed precision casts every op's inputs to float16 (layers.FusedActivation); the kernel takes float32
-        fits = x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
+        fits = self.min_pixels <= x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
         if self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)

@@ -120,25 +120,35 @@ def depthwise_conv2d(kernel: int, stride: int) -> Callable[..., ms.Tensor] | Non
 
 def conv2d(
     in_channels: int, kernel: int, stride: int, groups: int, same: bool = False
-) -> tuple[Callable[..., ms.Tensor], int] | None:
-    """``(op, max_pixels)``: ``op(x, weight, spec(stride, same))`` is a k×k convolution (no bias) with zero padding
-    k//2 or TensorFlow's "SAME", and its gradients, on the CPU as OpenBLAS products; it beats MindSpore 2.8's
-    kernel on inputs of at most ``max_pixels`` pixels (H·W). None where it does not, off the CPU or without the
-    library.
+) -> tuple[Callable[..., ms.Tensor], int, int] | None:
+    """``(op, min_pixels, max_pixels)``: ``op(x, weight, spec(stride, same))`` is a k×k convolution (no bias) with
+    zero padding k//2 or TensorFlow's "SAME", and its gradients, on the CPU as OpenBLAS products; it beats MindSpore
+    2.8's kernel on inputs of ``min_pixels`` to ``max_pixels`` pixels (H·W). None where it does not, off the CPU or
+    without the library.
 
-    Measured per layer (train step, batch 32, 2 threads): 1×1 convolutions gain on maps of 2 × 2 and less
-    (2048 -> 1024 channels on 2 × 2: 48.4 -> 16.0 ms), are even on 4 × 4 and lose from 8 × 8 on (256 -> 512
+    Measured per layer (train step, 2 threads): 1×1 convolutions gain on maps of 2 × 2 and less (batch 32,
+    2048 -> 1024 channels on 2 × 2: 48.4 -> 16.0 ms), are even on 4 × 4 and lose from 8 × 8 on (256 -> 512
     channels on 8 × 8: 6.1 -> 18.6 ms; on 56 × 56 at 224 px 99 -> 129 ms). Stems (at most 576 products per
-    output pixel) gain at any size (ResNet's 7×7 at 64 px 30.4 -> 19.1 ms). Wider 3×3 and grouped convolutions
-    lose (128 channels on 16 × 16: 35.9 -> 61.2 ms; ResNeXt's 32 groups 12.1 -> 25.4 ms)."""
-    if groups != 1:
-        return None
-    if kernel == 1 and stride == 1:
-        max_pixels = 4
-    elif in_channels * kernel * kernel <= 576:
-        max_pixels = ANY_SIZE
+    output pixel) gain at any size (ResNet's 7×7 at 64 px 30.4 -> 19.1 ms). Narrow groups (ResNeXt's 32, of at
+    most 32 channels) gain from 14 × 14 output pixels on (batch 32: 128 channels on 56 × 56 271 -> 114 ms, on
+    16 × 16 22-25 -> 14-20; 512 on 14 × 14 76-87 -> 64-66) and lose below (256 on 8 × 8 18.8 -> 31.1). Wider
+    3×3 and wide groups lose or draw (128 channels on 16 × 16: 35.9 -> 61.2 ms; NFNet's groups of 128, 768
+    channels on 14 × 14, batch 8: 55-66 -> 62-64)."""
+    if groups == 1 and kernel == 1 and stride == 1:
+        pixels = 0, 4
+    elif groups == 1 and in_channels * kernel * kernel <= 576:
+        pixels = 0, ANY_SIZE
+    elif groups > 1 and in_channels // groups <= 32:
+        pixels = 196 * stride * stride, ANY_SIZE  # 14 x 14 output pixels
     else:
         return None
+    op = convolution(kernel, stride, same)
+    return None if op is None else (op, *pixels)
+
+
+def convolution(kernel: int, stride: int, same: bool = False) -> Callable[..., ms.Tensor] | None:
+    """``op(x, weight, spec(stride, same))``: the OpenBLAS convolution (any groups, as the weight's shape says) and
+    its gradients wherever it runs; ``conv2d`` says where that is faster. None off the CPU or without the library."""
     path = cpu_library()
     if path is None:
         return None
@@ -146,7 +156,7 @@ def conv2d(
     def out_shape(x: list[int], weight: list[int], _: list[int]) -> list[int]:
         return [x[0], weight[0], *(_output_size(size, kernel, stride, same) for size in x[2:])]
 
-    return _convolution(path, "Convolution", out_shape, kernel_size=kernel, stride=stride, same=int(same)), max_pixels
+    return _convolution(path, "Convolution", out_shape, kernel_size=kernel, stride=stride, same=int(same))
 
 
 def _output_size(size: int, kernel: int, stride: int, same: bool) -> int:

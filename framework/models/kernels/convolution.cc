@@ -1,14 +1,15 @@
 // Convolution as matrix products for MindSpore's CPU training (framework/models/kernels/__init__.py builds it):
-// NCHW float32, k x k, any stride, one group, no bias, zero padding either k/2 on every side or TensorFlow's
+// NCHW float32, k x k, any stride, any groups, no bias, zero padding either k/2 on every side or TensorFlow's
 // "SAME" (the odd pixel at the bottom and right). The products run in OpenBLAS (the scipy-openblas32 wheel), each on
 // one thread, the products split over the cores as in depthwise.cc. MindSpore 2.8's CPU convolution is slow on
 // tiny maps and narrow stems: NFNet-F0's 1536 -> 3072 channel 1x1 on a 2 x 2 map, batch 32, took 25.2 ms forward
 // (~25 GFLOP/s), as one product 6.3 ms. framework/models/kernels/__init__.py:conv2d says which layers use it.
 //
-// Per sample, out (Co x P) = W (Co x Ci k k) col (Ci k k x P), P = OH * OW, where col holds the
-// input pixel under each kernel tap ("im2col"; a 1x1 convolution at stride 1 uses the input itself). Maps of at
-// least kPerSampleFrom output pixels take one product per sample; smaller ones would make thin products, so the
-// batch's columns are laid side by side, (rows x N * P), first.
+// Per sample and group, out (Co/G x P) = W (Co/G x Ci/G k k) col (Ci/G k k x P), P = OH * OW, where col holds
+// the input pixel under each kernel tap ("im2col"; a 1x1 convolution at stride 1 uses the input itself); a group's
+// rows of col and of W lie next to each other. Maps of at least kPerSampleFrom output pixels take one product per
+// sample; smaller ones would make thin products, so the batch's columns are laid side by side, (rows x N * P),
+// first.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -20,7 +21,9 @@
 
 namespace {
 
-constexpr int64_t kPerSampleFrom = 256;
+// 14 x 14: the batch's columns would be large there (ResNeXt's 512 channels, 32 groups, batch 32: 115 MB; 293 ms
+// a train step against 66 per sample)
+constexpr int64_t kPerSampleFrom = 196;
 
 // body(first, last) over [0, count) in one slice per core; plain threads started per call: OpenBLAS's own pool
 // would keep its threads spinning after each product, taking the cores from MindSpore's kernels
@@ -38,17 +41,19 @@ void parallel_slices(int64_t count, Body body) {
 }
 
 struct Geometry {
-  int64_t n, ci, h, w, co, k, oh, ow, s, top, left;
+  int64_t n, ci, h, w, co, k, oh, ow, s, top, left, groups;
   int64_t pixels() const { return oh * ow; }
   int64_t map() const { return ci * h * w; }     // one input sample
-  int64_t depth() const { return ci * k * k; }   // rows of col
+  int64_t depth() const { return ci / groups * k * k; }   // a row of W: one group's rows of col
+  int64_t group_out() const { return co / groups; }       // a group's output channels
   bool direct() const { return k == 1 && s == 1; }  // col is the input itself
   bool per_sample() const { return pixels() >= kPerSampleFrom; }
 };
 
-// x (N, Ci, H, W), weight (Co, Ci, k, k), y (N, Co, OH, OW); spec: stride, 1 for TensorFlow's "SAME" padding
+// x (N, Ci, H, W), weight (Co, Ci / G, k, k), y (N, Co, OH, OW); spec: stride, 1 for TensorFlow's "SAME" padding
 Geometry geometry_of(const int64_t *x, const int64_t *weight, const int64_t *y, const int32_t *spec) {
-  Geometry g{x[0], x[1], x[2], x[3], weight[0], weight[2], y[2], y[3], spec[0], weight[2] / 2, weight[2] / 2};
+  Geometry g{x[0], x[1], x[2], x[3], weight[0], weight[2], y[2], y[3], spec[0], weight[2] / 2, weight[2] / 2,
+             x[1] / weight[1]};
   if (spec[1] == 1) {
     g.top = std::max<int64_t>((g.oh - 1) * g.s + g.k - g.h, 0) / 2;
     g.left = std::max<int64_t>((g.ow - 1) * g.s + g.k - g.w, 0) / 2;
@@ -130,27 +135,40 @@ void product(bool trans_a, bool trans_b, int64_t first, int64_t last, int64_t co
                     c + first * ldc, ldc);
 }
 
+// body(group, first, last) over the rows [first, last) of a matrix of per_group-row groups, cut at their borders
+template <typename Body>
+void by_group(int64_t first, int64_t last, int64_t per_group, Body body) {
+  for (int64_t row = first; row < last;) {
+    const int64_t group = row / per_group, end = std::min(last, (group + 1) * per_group);
+    body(group, row, end);
+    row = end;
+  }
+}
+
 // every sample's columns side by side: col (Ci k k x N * P)
 std::vector<float> batch_columns(const float *x, const Geometry &g) {
   const int64_t p = g.pixels(), cols = g.n * p;
-  std::vector<float> col(g.depth() * cols);
+  std::vector<float> col(g.groups * g.depth() * cols);
   parallel_slices(g.n, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) im2col(x + s * g.map(), g, col.data() + s * p, cols);
   });
   return col;
 }
 
-// y = W col per sample
+// y = W col per sample and group
 void forward(const float *x, const float *w, float *y, const Geometry &g) {
-  const int64_t p = g.pixels(), depth = g.depth();
+  const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
     parallel_slices(g.n, [&](int64_t first, int64_t last) {
-      std::vector<float> col(g.direct() ? 0 : depth * p);
+      std::vector<float> col(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = first; s < last; ++s) {
         const float *input = x + s * g.map();
         if (!g.direct()) im2col(input, g, col.data(), p);
-        product(false, false, 0, g.co, p, depth, w, depth, g.direct() ? input : col.data(), p, 0.0f,
-                y + s * g.co * p, p);
+        const float *source = g.direct() ? input : col.data();
+        for (int64_t group = 0; group < g.groups; ++group) {
+          product(false, false, group * per, (group + 1) * per, p, depth, w, depth, source + group * depth * p, p,
+                  0.0f, y + s * g.co * p, p);
+        }
       }
     });
     return;
@@ -159,47 +177,59 @@ void forward(const float *x, const float *w, float *y, const Geometry &g) {
   const std::vector<float> col = batch_columns(x, g);
   std::vector<float> out(g.co * cols);
   parallel_slices(g.co, [&](int64_t first, int64_t last) {
-    product(false, false, first, last, cols, depth, w, depth, col.data(), cols, 0.0f, out.data(), cols);
+    by_group(first, last, per, [&](int64_t group, int64_t from, int64_t to) {
+      product(false, false, from, to, cols, depth, w, depth, col.data() + group * depth * cols, cols, 0.0f,
+              out.data(), cols);
+    });
   });
   side_by_side(out.data(), y, g.n, g.co, p, false);
 }
 
-// dcol = W^T dy per sample, added back into dx
+// dcol = W^T dy per sample and group, added back into dx
 void backward_input(const float *dy, const float *w, float *dx, const Geometry &g) {
-  const int64_t p = g.pixels(), depth = g.depth();
+  const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
     parallel_slices(g.n, [&](int64_t first, int64_t last) {
-      std::vector<float> dcol(g.direct() ? 0 : depth * p);
+      std::vector<float> dcol(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = first; s < last; ++s) {
         float *target = g.direct() ? dx + s * g.map() : dcol.data();
-        product(true, false, 0, depth, p, g.co, w, depth, dy + s * g.co * p, p, 0.0f, target, p);
+        for (int64_t group = 0; group < g.groups; ++group) {
+          product(true, false, 0, depth, p, per, w + group * per * depth, depth, dy + (s * g.co + group * per) * p,
+                  p, 0.0f, target + group * depth * p, p);
+        }
         if (!g.direct()) col2im(dcol.data(), g, dx + s * g.map(), p);
       }
     });
     return;
   }
   const int64_t cols = g.n * p;
-  std::vector<float> grad(g.co * cols), dcol(depth * cols);
+  std::vector<float> grad(g.co * cols), dcol(g.groups * depth * cols);
   side_by_side(dy, grad.data(), g.n, g.co, p, true);
-  parallel_slices(depth, [&](int64_t first, int64_t last) {
-    product(true, false, first, last, cols, g.co, w, depth, grad.data(), cols, 0.0f, dcol.data(), cols);
+  parallel_slices(g.groups * depth, [&](int64_t first, int64_t last) {
+    by_group(first, last, depth, [&](int64_t group, int64_t from, int64_t to) {
+      product(true, false, from - group * depth, to - group * depth, cols, per, w + group * per * depth, depth,
+              grad.data() + group * per * cols, cols, 0.0f, dcol.data() + group * depth * cols, cols);
+    });
   });
   parallel_slices(g.n, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) col2im(dcol.data() + s * p, g, dx + s * g.map(), cols);
   });
 }
 
-// dW = sum over samples of dy col^T, the output channels split over the cores
+// dW = sum over samples of dy col^T per group, the output channels split over the cores
 void backward_weight(const float *dy, const float *x, float *dw, const Geometry &g) {
-  const int64_t p = g.pixels(), depth = g.depth();
+  const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
     parallel_slices(g.co, [&](int64_t first, int64_t last) {
-      std::vector<float> col(g.direct() ? 0 : depth * p);
+      std::vector<float> col(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = 0; s < g.n; ++s) {
         const float *input = x + s * g.map();
         if (!g.direct()) im2col(input, g, col.data(), p);
-        product(false, true, first, last, depth, p, dy + s * g.co * p, p, g.direct() ? input : col.data(), p,
-                s ? 1.0f : 0.0f, dw, depth);
+        const float *source = g.direct() ? input : col.data();
+        by_group(first, last, per, [&](int64_t group, int64_t from, int64_t to) {
+          product(false, true, from, to, depth, p, dy + s * g.co * p, p, source + group * depth * p, p,
+                  s ? 1.0f : 0.0f, dw, depth);
+        });
       }
     });
     return;
@@ -209,7 +239,10 @@ void backward_weight(const float *dy, const float *x, float *dw, const Geometry 
   side_by_side(dy, grad.data(), g.n, g.co, p, true);
   const std::vector<float> col = batch_columns(x, g);
   parallel_slices(g.co, [&](int64_t first, int64_t last) {
-    product(false, true, first, last, depth, cols, grad.data(), cols, col.data(), cols, 0.0f, dw, depth);
+    by_group(first, last, per, [&](int64_t group, int64_t from, int64_t to) {
+      product(false, true, from, to, depth, cols, grad.data(), cols, col.data() + group * depth * cols, cols, 0.0f,
+              dw, depth);
+    });
   });
 }
 
@@ -217,7 +250,7 @@ void backward_weight(const float *dy, const float *x, float *dw, const Geometry 
 
 extern "C" {
 
-// params: x (N, Ci, H, W), weight (Co, Ci, k, k), spec (int32: stride, "SAME"), y (N, Co, OH, OW)
+// params: x (N, Ci, H, W), weight (Co, Ci / G, k, k), spec (int32: stride, "SAME"), y (N, Co, OH, OW)
 int ConvolutionForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   forward(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), static_cast<float *>(params[3]),
           geometry_of(shapes[0], shapes[1], shapes[3], static_cast<const int32_t *>(params[2])));
