@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.common.initializer import HeNormal, Normal, initializer
 
-from framework.models.kernels import conv2d, spec
+from framework.models.kernels import conv2d, spec, weight_standardisation
 from framework.models.layers import (
     ClassifierHead,
     DropPath,
@@ -63,13 +63,16 @@ class ScaledStdConv2d(nn.Cell):
         self.eps = eps
         self.stride = stride
         self.groups = groups
-        # Training standardises with MindSpore's BatchNorm kernel, as timm does with F.batch_norm: one fused kernel
-        # each way, keeping only per-channel statistics for the backward. Autodiff through the formula below kept
-        # ~8 weight-sized intermediates per conv alive: NFNet-F0's step took 4.7 GB instead of 2.5 GB at batch 2.
+        # Training on the CPU standardises with the project's kernel (kernels.weight_standardisation), elsewhere with
+        # MindSpore's BatchNorm kernel, as timm does with F.batch_norm: one fused kernel each way, keeping only
+        # per-channel statistics for the backward. Autodiff through the formula below kept ~8 weight-sized
+        # intermediates per conv alive: NFNet-F0's step took 4.7 GB instead of 2.5 GB at batch 2.
         # momentum 0: the running statistics it is given (zeros, ones) are written back unchanged.
         self.batch_norm = ops.BatchNorm(is_training=True, epsilon=eps, momentum=0.0)
         self.zeros = Tensor(np.zeros(out_ch, np.float32))
         self.ones = Tensor(np.ones(out_ch, np.float32))
+        self.standardise = weight_standardisation()
+        self.standardise_spec = Tensor([self.scale, eps], ms.float32)
         # CPU training runs the project's OpenBLAS kernel on the layers and sizes where it is faster (kernels.conv2d)
         self.kernel, self.min_pixels, self.max_pixels = conv2d(in_ch, kernel, stride, groups, same=True) or (None, 0, 0)
         self.spec = spec(stride, same=True)
@@ -78,14 +81,20 @@ class ScaledStdConv2d(nn.Cell):
         if not self.training:
             weight = self.standardised_weight().reshape(self.weight.shape)
             return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
-        rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
-        factor = self.gain.reshape(-1) * self.scale
-        weight = self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
+        weight = self.training_weight()
         # mixed precision casts every op's inputs to float16 (layers.FusedActivation); the kernel takes float32
         fits = self.min_pixels <= x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
         if self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
+
+    def training_weight(self) -> Tensor:
+        """The standardised weight in training: the kernel on the CPU in float32, MindSpore's BatchNorm elsewhere."""
+        if self.standardise is not None and self.mixed_precision_type is None:
+            return self.standardise(self.weight, self.gain, self.standardise_spec)
+        rows = self.weight.reshape(1, self.weight.shape[0], -1, 1)  # N=1, C=out, H=fan_in, W=1
+        factor = self.gain.reshape(-1) * self.scale
+        return self.batch_norm(rows, factor, self.zeros, self.zeros, self.ones)[0].reshape(self.weight.shape)
 
     def standardised_weight(self) -> Tensor:
         """The formula, for inference and export (ONNX has no training-mode BatchNorm in MindSpore's exporter)."""

@@ -4,10 +4,11 @@ MindSpore 2.8's CPU depthwise convolution (grouped, one channel per group) took 
 step; ``depthwise.cc`` computes the same convolution and its two gradients per channel plane on every core.
 ``convolution.cc`` runs convolutions as OpenBLAS matrix products where those beat MindSpore's (``conv2d``).
 ``activations.cc`` holds fused activations (GELU, SiLU) whose backward keeps only their input, where MindSpore's
-autodiff of the formula keeps every intermediate. The sources are compiled together on first use into
-``~/.cache/mindspore-hydra-classification/`` (``$XDG_CACHE_HOME``), named by a hash of the sources, the compiler,
-its flags and the CPU, so a changed source or another machine builds its own. Without a compiler the layers keep
-MindSpore's kernels (one warning).
+autodiff of the formula keeps every intermediate. ``standardisation.cc`` standardises NFNet's weights and
+differentiates that, one pass each way per output channel. The sources (with ``parallel.h``, their one thread
+helper) are compiled together on first use into ``~/.cache/mindspore-hydra-classification/`` (``$XDG_CACHE_HOME``),
+named by a hash of the sources, the compiler, its flags and the CPU, so a changed source or another machine builds
+its own. Without a compiler the layers keep MindSpore's kernels (one warning).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mindspore import ops
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # parallel.h: part of the build key
 ANY_SIZE = 1 << 62  # a kernel's max_pixels when it runs on maps of any size
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
 
@@ -58,7 +60,8 @@ def library() -> str | None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     blas = _blas_flags()
-    key = "\0".join((*(source.read_text() for source in SOURCES), version, " ".join((*FLAGS, *blas)), _cpu_flags()))
+    texts = (source.read_text() for source in (*SOURCES, *HEADERS))
+    key = "\0".join((*texts, version, " ".join((*FLAGS, *blas)), _cpu_flags()))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mindspore-hydra-classification"
     target = cache / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.is_file():
@@ -176,3 +179,20 @@ def activation(name: Literal["Gelu", "Silu"]) -> Callable[[ms.Tensor, ms.Tensor]
         return backward(dout, x, scale), ops.zeros_like(scale)
 
     return ops.Custom(f"{path}:{name}Forward", lambda x, s: x, lambda x, s: x, "aot", bprop=bprop)
+
+
+def weight_standardisation() -> Callable[[ms.Tensor, ms.Tensor, ms.Tensor], ms.Tensor] | None:
+    """``op(weight, gain, spec)``: each output channel's weights (O, I, k, k) standardised over its fan-in (biased
+    variance, as batch norm) times ``gain`` (O, 1, 1, 1) times ``scale``, with ``spec`` the float32 tensor
+    ``[scale, eps]``; its backward gives the weight's and the gain's gradients and keeps nothing but its inputs.
+    None off the CPU or without the library."""
+    path = cpu_library()
+    if path is None:
+        return None
+    backward = ops.Custom(f"{path}:StandardiseBackward", lambda dy, w, g, s: (w, g), lambda dy, w, g, s: (w, g), "aot")
+
+    def bprop(weight: ms.Tensor, gain: ms.Tensor, spec: ms.Tensor, out: ms.Tensor, dout: ms.Tensor) -> tuple:
+        dweight, dgain = backward(dout, weight, gain, spec)
+        return dweight, dgain, ops.zeros_like(spec)
+
+    return ops.Custom(f"{path}:StandardiseForward", lambda w, g, s: w, lambda w, g, s: w, "aot", bprop=bprop)

@@ -2,27 +2,13 @@
 // forward, one pass backward that recomputes the activation from its input. MindSpore differentiates a formula
 // op by op and keeps each op's intermediate for the backward; these keep only the input, as PyTorch's fused
 // activations do. float32, any shape; ``scale`` is a one-element tensor multiplying the output (NFNet's gamma).
-#include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
+
+#include "parallel.h"
 
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread at least: a thread's start costs ~0.1 ms
-
-// body(first, last) over [0, count) in contiguous slices, one per core (plain threads, as in depthwise.cc)
-template <typename Body>
-void parallel_slices(int64_t count, Body body) {
-  const int64_t cores = std::thread::hardware_concurrency();
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(cores, count / kGrain));
-  std::vector<std::thread> threads;
-  for (int64_t worker = 1; worker < workers; ++worker) {
-    threads.emplace_back(body, worker * count / workers, (worker + 1) * count / workers);
-  }
-  body(0, count / workers);
-  for (auto &thread : threads) thread.join();
-}
 
 // exp(x) to ~2 ulp in a form the compiler vectorises (Cephes' expf: 2^n times a degree-6 polynomial). glibc's
 // expf has vector variants only under -ffast-math, which would also loosen every other operation here; std::min,
@@ -84,7 +70,9 @@ int forward(void **params, int64_t **shapes, int ndims) {
   float *y = static_cast<float *>(params[2]);
   int64_t count = 1;
   for (int i = 0; i < ndims; ++i) count *= shapes[0][i];
-  parallel_slices(count, [=](int64_t first, int64_t last) { forward_slice<Activation>(x, scale, y, first, last); });
+  parallel_slices(count, kGrain, [=](int64_t first, int64_t last) {
+    forward_slice<Activation>(x, scale, y, first, last);
+  });
   return 0;
 }
 
@@ -97,7 +85,9 @@ int backward(void **params, int64_t **shapes, int ndims) {
   float *dx = static_cast<float *>(params[3]);
   int64_t count = 1;
   for (int i = 0; i < ndims; ++i) count *= shapes[0][i];
-  parallel_slices(count, [=](int64_t first, int64_t last) { backward_slice<Activation>(dy, x, scale, dx, first, last); });
+  parallel_slices(count, kGrain, [=](int64_t first, int64_t last) {
+    backward_slice<Activation>(dy, x, scale, dx, first, last);
+  });
   return 0;
 }
 

@@ -14,31 +14,16 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "cblas.h"  // scipy-openblas32's: every symbol prefixed scipy_
+#include "parallel.h"
 
 namespace {
 
 // 14 x 14: the batch's columns would be large there (ResNeXt's 512 channels, 32 groups, batch 32: 115 MB; 293 ms
 // a train step against 66 per sample)
 constexpr int64_t kPerSampleFrom = 196;
-
-// body(first, last) over [0, count) in one slice per core; plain threads started per call: OpenBLAS's own pool
-// would keep its threads spinning after each product, taking the cores from MindSpore's kernels
-template <typename Body>
-void parallel_slices(int64_t count, Body body) {
-  static std::once_flag single;
-  std::call_once(single, [] { scipy_openblas_set_num_threads(1); });
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(count, std::thread::hardware_concurrency()));
-  std::vector<std::thread> threads;
-  for (int64_t worker = 1; worker < workers; ++worker) {
-    threads.emplace_back(body, worker * count / workers, (worker + 1) * count / workers);
-  }
-  body(0, count / workers);
-  for (auto &thread : threads) thread.join();
-}
 
 struct Geometry {
   int64_t n, ci, h, w, co, k, oh, ow, s, top, left, groups;
@@ -127,9 +112,11 @@ void side_by_side(const float *from, float *to, int64_t n, int64_t c, int64_t p,
   }
 }
 
-// rows [first, last) of C (rows x cols) = op(A) op(B), row-major, on this thread
+// rows [first, last) of C (rows x cols) = op(A) op(B), row-major, on this thread (OpenBLAS's own threads off)
 void product(bool trans_a, bool trans_b, int64_t first, int64_t last, int64_t cols, int64_t inner, const float *a,
              int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+  static std::once_flag single;
+  std::call_once(single, [] { scipy_openblas_set_num_threads(1); });
   scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                     last - first, cols, inner, 1.0f, a + first * (trans_a ? 1 : lda), lda, b, ldb, beta,
                     c + first * ldc, ldc);
@@ -149,7 +136,7 @@ void by_group(int64_t first, int64_t last, int64_t per_group, Body body) {
 std::vector<float> batch_columns(const float *x, const Geometry &g) {
   const int64_t p = g.pixels(), cols = g.n * p;
   std::vector<float> col(g.groups * g.depth() * cols);
-  parallel_slices(g.n, [&](int64_t first, int64_t last) {
+  parallel_slices(g.n, 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) im2col(x + s * g.map(), g, col.data() + s * p, cols);
   });
   return col;
@@ -159,7 +146,7 @@ std::vector<float> batch_columns(const float *x, const Geometry &g) {
 void forward(const float *x, const float *w, float *y, const Geometry &g) {
   const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
-    parallel_slices(g.n, [&](int64_t first, int64_t last) {
+    parallel_slices(g.n, 1, [&](int64_t first, int64_t last) {
       std::vector<float> col(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = first; s < last; ++s) {
         const float *input = x + s * g.map();
@@ -176,7 +163,7 @@ void forward(const float *x, const float *w, float *y, const Geometry &g) {
   const int64_t cols = g.n * p;
   const std::vector<float> col = batch_columns(x, g);
   std::vector<float> out(g.co * cols);
-  parallel_slices(g.co, [&](int64_t first, int64_t last) {
+  parallel_slices(g.co, 1, [&](int64_t first, int64_t last) {
     by_group(first, last, per, [&](int64_t group, int64_t from, int64_t to) {
       product(false, false, from, to, cols, depth, w, depth, col.data() + group * depth * cols, cols, 0.0f,
               out.data(), cols);
@@ -189,7 +176,7 @@ void forward(const float *x, const float *w, float *y, const Geometry &g) {
 void backward_input(const float *dy, const float *w, float *dx, const Geometry &g) {
   const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
-    parallel_slices(g.n, [&](int64_t first, int64_t last) {
+    parallel_slices(g.n, 1, [&](int64_t first, int64_t last) {
       std::vector<float> dcol(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = first; s < last; ++s) {
         float *target = g.direct() ? dx + s * g.map() : dcol.data();
@@ -205,13 +192,13 @@ void backward_input(const float *dy, const float *w, float *dx, const Geometry &
   const int64_t cols = g.n * p;
   std::vector<float> grad(g.co * cols), dcol(g.groups * depth * cols);
   side_by_side(dy, grad.data(), g.n, g.co, p, true);
-  parallel_slices(g.groups * depth, [&](int64_t first, int64_t last) {
+  parallel_slices(g.groups * depth, 1, [&](int64_t first, int64_t last) {
     by_group(first, last, depth, [&](int64_t group, int64_t from, int64_t to) {
       product(true, false, from - group * depth, to - group * depth, cols, per, w + group * per * depth, depth,
               grad.data() + group * per * cols, cols, 0.0f, dcol.data() + group * depth * cols, cols);
     });
   });
-  parallel_slices(g.n, [&](int64_t first, int64_t last) {
+  parallel_slices(g.n, 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) col2im(dcol.data() + s * p, g, dx + s * g.map(), cols);
   });
 }
@@ -220,7 +207,7 @@ void backward_input(const float *dy, const float *w, float *dx, const Geometry &
 void backward_weight(const float *dy, const float *x, float *dw, const Geometry &g) {
   const int64_t p = g.pixels(), depth = g.depth(), per = g.group_out();
   if (g.per_sample()) {
-    parallel_slices(g.co, [&](int64_t first, int64_t last) {
+    parallel_slices(g.co, 1, [&](int64_t first, int64_t last) {
       std::vector<float> col(g.direct() ? 0 : g.groups * depth * p);
       for (int64_t s = 0; s < g.n; ++s) {
         const float *input = x + s * g.map();
@@ -238,7 +225,7 @@ void backward_weight(const float *dy, const float *x, float *dw, const Geometry 
   std::vector<float> grad(g.co * cols);
   side_by_side(dy, grad.data(), g.n, g.co, p, true);
   const std::vector<float> col = batch_columns(x, g);
-  parallel_slices(g.co, [&](int64_t first, int64_t last) {
+  parallel_slices(g.co, 1, [&](int64_t first, int64_t last) {
     by_group(first, last, per, [&](int64_t group, int64_t from, int64_t to) {
       product(false, true, from, to, depth, cols, grad.data(), cols, col.data() + group * depth * cols, cols, 0.0f,
               dw, depth);

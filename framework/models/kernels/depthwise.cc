@@ -10,24 +10,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-namespace {
+#include "parallel.h"
 
-// body(i) for i in [0, count), split over the machine's cores: plain threads started per call (~0.1 ms), not
-// OpenMP, whose idle threads spin and took the cores from MindSpore's own (EfficientNet-B2: 38-42 img/s)
-template <typename Body>
-void parallel_for(int64_t count, Body body) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(count, std::thread::hardware_concurrency()));
-  auto run = [&](int64_t worker) {
-    for (int64_t i = worker * count / workers; i < (worker + 1) * count / workers; ++i) body(i);
-  };
-  std::vector<std::thread> threads;
-  for (int64_t worker = 1; worker < workers; ++worker) threads.emplace_back(run, worker);
-  run(0);
-  for (auto &thread : threads) thread.join();
-}
+namespace {
 
 constexpr int64_t kPackedBelow = 32;  // maps narrower than this run in the batch-packed layout
 
