@@ -21,7 +21,7 @@ from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.engine.step import apply_amp
 from framework.models import create_model, list_models
 from framework.models.kernels import ANY_SIZE, convolution
-from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, StemMaxPool
+from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, SpatialMean, StemMaxPool
 from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
@@ -417,6 +417,23 @@ def test_weight_standardisation_kernel_equals_batch_norm_and_gradients(in_ch, ke
     for name, got, expected in zip(("weight", "weight grad", "gain grad"), *results, strict=True):
         expected = expected.asnumpy()
         np.testing.assert_allclose(got.asnumpy(), expected, atol=1e-5 * np.abs(expected).max(), err_msg=name)
+
+
+def test_spatial_mean_as_a_product_equals_the_mean_and_its_gradient():
+    """NFNet's squeeze-excite pools in training as a product with a column of 1 / (H·W): equal to the mean over
+    (H, W) and its input gradient within 1e-5, in training and in inference."""
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(1.0, 3.0, (3, 5, 6, 7)).astype(np.float32))
+    probe = ms.Tensor(rng.standard_normal((3, 5, 1, 1)).astype(np.float32))
+    for training in (True, False):
+        results = []
+        for pool in (SpatialMean(product=True), SpatialMean()):
+            pool.set_train(training)
+            out, grad = ms.value_and_grad(lambda t, pool=pool: (pool(t) * probe).sum())(x)
+            results.append((pool(x).asnumpy(), grad.asnumpy()))
+        assert results[0][0].shape == (3, 5, 1, 1)
+        for name, got, expected in zip(("output", "input grad"), *results, strict=True):
+            np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), err_msg=f"{name} {training}")
 
 
 @pytest.mark.parametrize(("activation", "scale"), [(SiLU, 1.0), (GammaGELU, 1.0), (GammaGELU, 0.7)])

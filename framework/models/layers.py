@@ -172,19 +172,39 @@ class StemMaxPool(nn.Cell):
         return 0, 1
 
 
-class SqueezeExcite(nn.Cell):
-    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features."""
+class SpatialMean(nn.Cell):
+    """Mean over (H, W), kept as (N, C, 1, 1). With ``product``, training takes it as a product with a column of
+    1 / (H·W): MindSpore 2.8's CPU ReduceMean with its backward (a Tile) took 2-2.5x as long (a squeeze-excite gate,
+    forward and backward, batch 32: 1536 channels on 4 × 4 15.3 -> 8.1 ms, 256 on 16 × 16 39.4 -> 15.8). Inference
+    and export keep the mean (ONNX ReduceMean)."""
 
-    def __init__(self, channels: int, reduced: int, act: type[nn.Cell] = nn.ReLU) -> None:
+    def __init__(self, product: bool = False) -> None:
         super().__init__()
+        self.product = product
+
+    def construct(self, x: Tensor) -> Tensor:
+        if not (self.training and self.product):
+            return x.mean((2, 3), keep_dims=True)
+        n, c, h, w = x.shape
+        column = ops.full((h * w, 1), 1.0 / (h * w), dtype=x.dtype)
+        return ops.matmul(x.reshape(n * c, h * w), column).reshape(n, c, 1, 1)
+
+
+class SqueezeExcite(nn.Cell):
+    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features; ``product_mean`` pools
+    as ``SpatialMean(product=True)``. NFNet-F0 trains 6 % faster with it (64 px, batch 32: 16.1 -> 17.1 img/s);
+    EfficientNet-B2 keeps the plain mean: it gained 2 % (52.6 -> 53.5) but peaked 25 MiB higher (1,879 -> 1,904)."""
+
+    def __init__(self, channels: int, reduced: int, act: type[nn.Cell] = nn.ReLU, product_mean: bool = False) -> None:
+        super().__init__()
+        self.pool = SpatialMean(product_mean)
         self.conv_reduce = BlasConv2d(channels, reduced, 1, has_bias=True)
         self.act = act()
         self.conv_expand = BlasConv2d(reduced, channels, 1, has_bias=True)
         self.gate = nn.Sigmoid()
 
     def construct(self, x: Tensor) -> Tensor:
-        scale = x.mean((2, 3), keep_dims=True)
-        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(scale))))
+        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(self.pool(x)))))
 
 
 class ClassifierHead(nn.Cell):
