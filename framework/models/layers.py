@@ -90,7 +90,8 @@ class KernelConv2d(nn.Conv2d):
 
     def construct(self, x: Tensor) -> Tensor:
         # mixed precision casts every op's inputs to float16 (FusedActivation); the size is a graph constant
-        fits = self.min_pixels <= x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
+        pixels = x.shape[2] * x.shape[3]
+        fits = self.min_pixels <= pixels and pixels <= self.max_pixels and self.mixed_precision_type is None
         if self.training and self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             out = self.kernel(x, self.weight, self.spec)
         else:

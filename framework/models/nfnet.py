@@ -83,7 +83,8 @@ class ScaledStdConv2d(nn.Cell):
             return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
         weight = self.training_weight()
         # mixed precision casts every op's inputs to float16 (layers.FusedActivation); the kernel takes float32
-        fits = self.min_pixels <= x.shape[2] * x.shape[3] <= self.max_pixels and self.mixed_precision_type is None
+        pixels = x.shape[2] * x.shape[3]
+        fits = self.min_pixels <= pixels and pixels <= self.max_pixels and self.mixed_precision_type is None
         if self.kernel is not None and x.dtype == self.FLOAT32 and fits:
             return ops.bias_add(self.kernel(x, weight, self.spec), self.bias)
         return ops.conv2d(x, weight, self.bias, stride=self.stride, pad_mode="same", groups=self.groups)
