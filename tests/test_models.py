@@ -429,7 +429,7 @@ def test_spatial_mean_as_a_product_equals_the_mean_and_its_gradient():
         results = []
         for pool in (SpatialMean(product=True), SpatialMean()):
             pool.set_train(training)
-            out, grad = ms.value_and_grad(lambda t, pool=pool: (pool(t) * probe).sum())(x)
+            _, grad = ms.value_and_grad(lambda t, pool=pool: (pool(t) * probe).sum())(x)
             results.append((pool(x).asnumpy(), grad.asnumpy()))
         assert results[0][0].shape == (3, 5, 1, 1)
         for name, got, expected in zip(("output", "input grad"), *results, strict=True):

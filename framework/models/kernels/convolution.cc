@@ -1,7 +1,7 @@
 // Convolution as matrix products for MindSpore's CPU training (framework/models/kernels/__init__.py builds it):
 // NCHW float32, k x k, any stride, any groups, no bias, zero padding either k/2 on every side or TensorFlow's
 // "SAME" (the odd pixel at the bottom and right). The products run in OpenBLAS (the scipy-openblas32 wheel), each on
-// one thread, the products split over the cores as in depthwise.cc. MindSpore 2.8's CPU convolution is slow on
+// one thread, the products split over the cores by parallel.h. MindSpore 2.8's CPU convolution is slow on
 // tiny maps and narrow stems: NFNet-F0's 1536 -> 3072 channel 1x1 on a 2 x 2 map, batch 32, took 25.2 ms forward
 // (~25 GFLOP/s), as one product 6.3 ms. framework/models/kernels/__init__.py:conv2d says which layers use it.
 //

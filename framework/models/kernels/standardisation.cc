@@ -78,8 +78,8 @@ int StandardiseForward(int, void **params, int *, int64_t **shapes, const char *
 // params: dy, weight, gain, spec, dweight, dgain
 int StandardiseBackward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   backward(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-           static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), static_cast<float *>(params[4]),
-           static_cast<float *>(params[5]), rows_of(shapes[1]));
+           static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+           static_cast<float *>(params[4]), static_cast<float *>(params[5]), rows_of(shapes[1]));
   return 0;
 }
 
