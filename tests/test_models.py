@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import mindspore as ms
@@ -21,7 +22,15 @@ from framework.engine.losses import CrossEntropy, HeadsLoss
 from framework.engine.step import apply_amp
 from framework.models import create_model, list_models
 from framework.models.kernels import ANY_SIZE, convolution
-from framework.models.layers import BlasConv2d, DepthwiseConv2d, DropPath, SiLU, SpatialMean, StemMaxPool
+from framework.models.layers import (
+    BlasConv2d,
+    DepthwiseConv2d,
+    DropPath,
+    SiLU,
+    SpatialMean,
+    StemMaxPool,
+    broadcast_product,
+)
 from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
@@ -434,6 +443,24 @@ def test_spatial_mean_as_a_product_equals_the_mean_and_its_gradient():
         assert results[0][0].shape == (3, 5, 1, 1)
         for name, got, expected in zip(("output", "input grad"), *results, strict=True):
             np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), err_msg=f"{name} {training}")
+
+
+@pytest.mark.parametrize("factor_shape", [(3, 5, 1, 1), (3, 1, 1, 1), ()])
+def test_broadcast_product_equals_the_product_and_its_gradients(factor_shape):
+    """Squeeze-excite gates, DropPath masks and NFNet's skip gain multiply in training with the factor broadcast to
+    the map first (inference multiplies as it is): the product and the gradients of both operands within 1e-5."""
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(1.0, 3.0, (3, 5, 6, 7)).astype(np.float32))
+    factor = ms.Tensor(rng.standard_normal(factor_shape).astype(np.float32))
+    probe = ms.Tensor(rng.standard_normal(x.shape).astype(np.float32))
+    results = []
+    for training in (True, False):
+        product = partial(broadcast_product, training=training)
+        grads = ms.grad(lambda a, b, product=product: (product(a, b) * probe).sum(), grad_position=(0, 1))(x, factor)
+        results.append((product(x, factor).asnumpy(), *(grad.asnumpy() for grad in grads)))
+    assert results[0][2].shape == factor_shape
+    for name, got, expected in zip(("product", "map grad", "factor grad"), *results, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), err_msg=name)
 
 
 @pytest.mark.parametrize(("activation", "scale"), [(SiLU, 1.0), (GammaGELU, 1.0), (GammaGELU, 0.7)])

@@ -24,6 +24,15 @@ def linear_drop_path_rates(max_rate: float, count: int) -> list[float]:
     return [max_rate * i / max(count - 1, 1) for i in range(count)]
 
 
+def broadcast_product(x: Tensor, factor: Tensor, training: bool) -> Tensor:
+    """``x * factor`` for a tensor ``factor`` that broadcasts (per sample, per channel, or a scalar tensor). In
+    training the factor is first broadcast to x's shape: MindSpore's backward of the implicit broadcast kept about
+    eight more x-sized buffers (one MBConv block, 144 channels on 56×56, batch 16: 459 → 265 MiB a step)."""
+    if training:
+        return x * ops.broadcast_to(factor, x.shape)
+    return x * factor
+
+
 class DropPath(nn.Cell):
     """Stochastic depth (Huang et al. 2016): drop a residual branch per sample while training."""
 
@@ -40,7 +49,7 @@ class DropPath(nn.Cell):
         mask = ops.floor(self.keep_prob + ops.rand(shape, dtype=x.dtype))
         # the per-sample mask is scaled, not the map: the backward keeps no scaled copy of x (EfficientNet-B2 at
         # 64 px, batch 32: peak RSS 1,993 -> 1,942 MiB)
-        return x * (mask / self.keep_prob)
+        return broadcast_product(x, mask / self.keep_prob, True)
 
 
 class FusedActivation(nn.Cell):
@@ -205,7 +214,8 @@ class SqueezeExcite(nn.Cell):
         self.gate = nn.Sigmoid()
 
     def construct(self, x: Tensor) -> Tensor:
-        return x * self.gate(self.conv_expand(self.act(self.conv_reduce(self.pool(x)))))
+        gate = self.gate(self.conv_expand(self.act(self.conv_reduce(self.pool(x)))))
+        return broadcast_product(x, gate, self.training)
 
 
 class ClassifierHead(nn.Cell):

@@ -29,6 +29,7 @@ from framework.models.layers import (
     DropPath,
     FusedActivation,
     SqueezeExcite,
+    broadcast_product,
     linear_drop_path_rates,
     make_divisible,
 )
@@ -178,7 +179,7 @@ class NormFreeBlock(nn.Cell):
         shortcut = self.downsample(out) if self.has_downsample else x
         out = self.conv2(self.act2(self.conv1(out)))
         out = self.conv3(self.act3(self.conv2b(self.act2b(out))))
-        out = self.drop_path(self.attn_gain * self.attn_last(out)) * self.skipinit_gain
+        out = broadcast_product(self.drop_path(self.attn_gain * self.attn_last(out)), self.skipinit_gain, self.training)
         return out * self.alpha + shortcut
 
 
