@@ -31,7 +31,7 @@ from framework.models.layers import (
     StemMaxPool,
     broadcast_product,
 )
-from framework.models.nfnet import GELU_GAMMA, GammaGELU, ScaledStdConv2d
+from framework.models.nfnet import GELU_GAMMA, GammaGELU, NormFreeBlock, ScaledStdConv2d
 from framework.models.registry import model_class
 from tests.conftest import CONF_DIR
 
@@ -461,6 +461,34 @@ def test_broadcast_product_equals_the_product_and_its_gradients(factor_shape):
     assert results[0][2].shape == factor_shape
     for name, got, expected in zip(("product", "map grad", "factor grad"), *results, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), err_msg=name)
+
+
+def _norm_free_block_unfolded(block: NormFreeBlock, x: ms.Tensor) -> ms.Tensor:
+    """NormFreeBlock as timm writes it: the SE product, then the gain, drop path, skip gain and alpha in turn."""
+    out = block.act1(x)
+    shortcut = block.downsample(out) if block.has_downsample else x
+    out = block.conv2(block.act2(block.conv1(out)))
+    out = block.conv3(block.act3(block.conv2b(block.act2b(out))))
+    out = block.drop_path(block.attn_gain * block.attn_last(out)) * block.skipinit_gain
+    return out * block.alpha + shortcut
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_norm_free_block_folded_factors_equal_the_unfolded_branch(stride):
+    """NFNet's block folds its branch factors into SE's gates before one product with the map: its output and the
+    gradients of the input and of every weight equal timm's order of products within 1e-5."""
+    block = NormFreeBlock(8, 16, stride, alpha=0.2, beta=0.9, group_size=4, drop_path_rate=0.0)
+    block.skipinit_gain.set_data(ms.Tensor(0.7, ms.float32))  # zero-initialised: no gradient would reach the branch
+    block.set_train(True)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32))
+    params = block.trainable_params()
+    results = []
+    for forward in (block, partial(_norm_free_block_unfolded, block)):
+        grads = ms.grad(lambda t, forward=forward: forward(t).sum(), grad_position=0, weights=params)(x)
+        results.append([forward(x).asnumpy(), grads[0].asnumpy(), *(grad.asnumpy() for grad in grads[1])])
+    names = ["output", "input grad", *(param.name for param in params)]
+    for name, got, expected in zip(names, *results, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5 * max(np.abs(expected).max(), 1e-6), err_msg=name)
 
 
 @pytest.mark.parametrize(("activation", "scale"), [(SiLU, 1.0), (GammaGELU, 1.0), (GammaGELU, 0.7)])

@@ -179,8 +179,10 @@ class NormFreeBlock(nn.Cell):
         shortcut = self.downsample(out) if self.has_downsample else x
         out = self.conv2(self.act2(self.conv1(out)))
         out = self.conv3(self.act3(self.conv2b(self.act2b(out))))
-        out = broadcast_product(self.drop_path(self.attn_gain * self.attn_last(out)), self.skipinit_gain, self.training)
-        return out * self.alpha + shortcut
+        # SE's gates times the branch's other factors (attention gain, alpha, drop-path mask, skip gain), then one
+        # product with the map, where each factor took a map-sized product forward and backward
+        factor = self.drop_path(self.attn_last.excitation(out) * (self.attn_gain * self.alpha)) * self.skipinit_gain
+        return broadcast_product(out, factor, self.training) + shortcut
 
 
 class DeepQuadStem(nn.Cell):
