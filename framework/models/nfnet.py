@@ -170,7 +170,7 @@ class NormFreeBlock(nn.Cell):
         self.conv2 = ScaledStdConv2d(mid, mid, 3, stride=stride, groups=groups)
         self.conv2b = ScaledStdConv2d(mid, mid, 3, groups=groups)
         self.conv3 = ScaledStdConv2d(mid, out_ch, 1)
-        self.attn_last = SqueezeExcite(out_ch, make_divisible(out_ch * 0.5, round_limit=0.0), product_mean=True)
+        self.attn_last = SqueezeExcite(out_ch, make_divisible(out_ch * 0.5, round_limit=0.0))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.skipinit_gain = Parameter(initializer("zeros", ()), name="skipinit_gain")
 
