@@ -429,7 +429,7 @@ def test_weight_standardisation_kernel_equals_batch_norm_and_gradients(in_ch, ke
 
 
 def test_spatial_mean_as_a_product_equals_the_mean_and_its_gradient():
-    """NFNet's squeeze-excite pools in training as a product with a column of 1 / (H·W): equal to the mean over
+    """Squeeze-excite (every model's) pools in training as a product with a column of 1 / (H·W): equal to the mean over
     (H, W) and its input gradient within 1e-5, in training and in inference."""
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.normal(1.0, 3.0, (3, 5, 6, 7)).astype(np.float32))
