@@ -367,7 +367,8 @@ def test_depthwise_kernel_equals_mindspores_convolution_and_gradients(kernel, st
 @pytest.mark.parametrize(
     ("layer", "kernel", "stride", "size", "groups"),
     [
-        ("conv", 1, 1, 3, 1), ("conv", 1, 1, 17, 1), ("conv", 3, 1, 5, 1), ("conv", 3, 2, 9, 1), ("conv", 7, 2, 33, 1),
+        ("conv", 1, 1, 3, 1), ("conv", 1, 1, 17, 1), ("conv", 1, 2, 4, 1), ("conv", 1, 2, 9, 1),
+        ("conv", 3, 1, 5, 1), ("conv", 3, 2, 9, 1), ("conv", 7, 2, 33, 1),
         ("conv", 3, 1, 5, 2), ("conv", 3, 1, 15, 2), ("conv", 3, 2, 29, 2),
         ("scaled_std", 1, 1, 3, 1), ("scaled_std", 3, 2, 8, 1), ("scaled_std", 3, 1, 16, 1),
         ("scaled_std", 3, 2, 33, 1), ("scaled_std", 3, 2, 8, 2), ("scaled_std", 3, 1, 16, 2),

@@ -129,16 +129,17 @@ def conv2d(
     2.8's kernel on inputs of ``min_pixels`` to ``max_pixels`` pixels (H·W). None where it does not, off the CPU or
     without the library.
 
-    Measured per layer (train step, 2 threads): 1×1 convolutions gain on maps of 2 × 2 and less (batch 32,
-    2048 -> 1024 channels on 2 × 2: 48.4 -> 16.0 ms), are even on 4 × 4 and lose from 8 × 8 on (256 -> 512
-    channels on 8 × 8: 6.1 -> 18.6 ms; on 56 × 56 at 224 px 99 -> 129 ms). Stems (at most 576 products per
+    Measured per layer (train step, 2 threads): 1×1 convolutions gain on output maps of 2 × 2 and less (batch 32,
+    2048 -> 1024 channels on 2 × 2: 48.4 -> 16.0 ms; at stride 2, 1024 -> 2048 from 4 × 4: 21.3-23.5 -> 5.7-5.8),
+    are even on 4 × 4 and lose from 8 × 8 on (256 -> 512 channels on 8 × 8: 6.1 -> 18.6 ms; on 56 × 56 at 224 px
+    99 -> 129 ms; at stride 2 from 56 × 56 47 -> 60, 512 -> 1024 from 28 × 28 38 -> 56). Stems (at most 576 products per
     output pixel) gain at any size (ResNet's 7×7 at 64 px 30.4 -> 19.1 ms). Narrow groups (ResNeXt's 32, of at
     most 32 channels) gain from 14 × 14 output pixels on (batch 32: 128 channels on 56 × 56 271 -> 114 ms, on
     16 × 16 22-25 -> 14-20; 512 on 14 × 14 76-87 -> 64-66) and lose below (256 on 8 × 8 18.8 -> 31.1). Wider
     3×3 and wide groups lose or draw (128 channels on 16 × 16: 35.9 -> 61.2 ms; NFNet's groups of 128, 768
     channels on 14 × 14, batch 8: 55-66 -> 62-64)."""
-    if groups == 1 and kernel == 1 and stride == 1:
-        pixels = 0, 4
+    if groups == 1 and kernel == 1:
+        pixels = 0, 4 * stride * stride  # output maps of 2 x 2 and less
     elif groups == 1 and in_channels * kernel * kernel <= 576:
         pixels = 0, ANY_SIZE
     elif groups > 1 and in_channels // groups <= 32:
