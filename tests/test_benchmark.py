@@ -13,6 +13,7 @@ import pytest
 
 from framework.config import ConfigError, build, check_config
 from framework.engine.losses import CrossEntropy
+from framework.tasks import benchmark_timm
 from framework.tasks.benchmark import (
     Benchmark,
     BenchmarkFailed,
@@ -20,6 +21,7 @@ from framework.tasks.benchmark import (
     hand_cell_loop,
     hand_jit_loop,
     in_fresh_process,
+    timm_optimizer,
 )
 from framework.tasks.benchmark_table import BEGIN, END, benchmark_table
 from tests.conftest import TEST_MODEL, all_runs, compose_config, mlflow_client
@@ -141,6 +143,34 @@ def test_model_without_timm_twin_is_refused_before_measuring(tmp_path):
     with pytest.raises(ConfigError, match="timm has no nasnet_a_mobile.*benchmark.timm_model"):
         benchmark(cfg)
     assert not (tmp_path / "run" / "benchmark" / "mindspore.spec.json").exists()
+
+
+def test_optimizer_without_sgd_twin_is_refused_before_measuring(tmp_path):
+    cfg = compose_config(["task=benchmark", "benchmark=vs_timm", "optimizer=adamw"], tmp_path)
+    with pytest.raises(ConfigError, match="optimizer.name=adamw has no twin there: compare with optimizer=momentum"):
+        benchmark(cfg)
+    assert not (tmp_path / "run" / "benchmark" / "mindspore.spec.json").exists()
+
+
+@pytest.mark.parametrize(("model", "timm_name"), [("resnext50", "resnext50_32x4d"), ("nfnet_f0", "dm_nfnet_f0")])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_timm_side_decays_the_parameters_ours_decays(tmp_path, model, timm_name, filtered):
+    """timm's SGD gets our optimizer config's momentum, Nesterov flag and weight decay, on as many parameters, of as
+    many values, as our optimizer decays: under MindSpore's rule (all but norm parameters) and filtered (also not
+    biases, NFNet's gains)."""
+    timm = pytest.importorskip("timm")
+    overrides = [f"model={model}", f"optimizer.filter_bias_and_norm={filtered}", "optimizer.nesterov=true"]
+    cfg = compose_config(overrides, tmp_path)
+    network = build(cfg, "model", num_classes=10)
+    ours = build(cfg, "optimizer", params=network.trainable_params(), learning_rate=0.1)
+    decayed = [param for param, flag in zip(ours.parameters, ours.decay_flags, strict=True) if flag]
+    theirs = benchmark_timm.sgd(timm.create_model(timm_name, num_classes=10), timm_optimizer(cfg.optimizer))
+    (group,) = [group for group in theirs.param_groups if group["weight_decay"] > 0]
+    assert group["weight_decay"] == cfg.optimizer.weight_decay > 0
+    assert group["momentum"] == cfg.optimizer.momentum and group["nesterov"]
+    assert len(group["params"]) == len(decayed)
+    assert sum(len(group["params"]) for group in theirs.param_groups) == len(network.trainable_params())
+    assert sum(param.numel() for param in group["params"]) == sum(param.size for param in decayed)
 
 
 def test_measuring_process_killed_or_failing_is_reported(tmp_path):

@@ -46,6 +46,7 @@ from framework.engine.inference import mindspore_forward
 from framework.engine.losses import HeadsLoss
 from framework.errors import UserError
 from framework.launch.compile_cache import compile_cache
+from framework.optim.optimizers import NO_DECAY_NAMES
 from framework.optim.schedules import UpdateLr
 from framework.runtime.signals import stop_signals_interrupt
 from framework.schema import NonNegative, Positive
@@ -103,6 +104,7 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
             f"benchmark.measure has timm but timm has no {cfg.model.name}; models with a timm twin: "
             f"{', '.join(TIMM_MODELS)} (or name one: benchmark.timm_model=<timm name>)"
         )
+    timm_sgd = timm_optimizer(cfg.optimizer) if "timm" in bench.measure else None
     work_dir = Path(cfg.paths.run_dir) / "benchmark"
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, float] = {}
@@ -124,6 +126,7 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
             # the same network: our model config's dropout and stochastic depth (timm's defaults are 0)
             "model_kwargs": {k: float(cfg.model.get(k) or 0.0) for k in ("drop_rate", "drop_path_rate")},
             "seed": int(cfg.seed),
+            "optimizer": timm_sgd,
             "device": "cuda" if cfg.hardware.device_target == "GPU" else "cpu",
             "profile": str(work_dir / "profile_timm.csv") if bench.profile else None,
         }
@@ -145,6 +148,25 @@ def benchmark(cfg: DictConfig) -> dict[str, float]:
         f"benchmark: {cfg.model.name}", {"mlflow run": f"{run.run_name} ({run.run_id})", "files": str(work_dir)}
     )
     return results
+
+
+def timm_optimizer(optimizer: DictConfig) -> dict[str, Any]:
+    """Our optimizer config for timm's side, which runs torch's SGD: the same momentum, Nesterov flag and weight
+    decay on the same parameters (``filter_bias_and_norm``: not biases, gains and norm parameters; else MindSpore's
+    rule, not norm parameters). Other optimizers have no SGD twin: the comparison would time different updates."""
+    if optimizer.name not in ("sgd", "momentum"):
+        raise ConfigError(
+            f"benchmark.measure has timm, whose side trains with SGD (momentum); optimizer.name={optimizer.name} "
+            "has no twin there: compare with optimizer=momentum (or sgd)"
+        )
+    filtered = bool(optimizer.get("filter_bias_and_norm", False))
+    return {
+        "momentum": float(optimizer.momentum),
+        "nesterov": bool(optimizer.nesterov),
+        "weight_decay": float(optimizer.weight_decay),
+        "no_decay_names": list(NO_DECAY_NAMES) if filtered else [],
+        "no_decay_ndim1": filtered,
+    }
 
 
 def results_table(

@@ -102,7 +102,8 @@ def markdown_table(rows: list[dict[str, Any]], rounds: int) -> str:
     about = (
         f"Measured {datetime.date.today():%Y-%m-%d} by `python run.py task=benchmark_table` on {cpu_name()} "
         f"({os.cpu_count()} cores, {memory_gib():.0f} GiB; MindSpore {ms.__version__}, torch "
-        f"{versions.get('torch', '-')}, timm {versions.get('timm', '-')}; 1000 classes, 2 threads, SGD momentum; "
+        f"{versions.get('torch', '-')}, timm {versions.get('timm', '-')}; 1000 classes, 2 threads, "
+        "`optimizer=momentum` (SGD with momentum and weight decay, the same on both sides); "
         f"img/s, median of {rounds} rounds; ours / timm (ratio)). Our eval runs on the engine `task=eval` uses "
         '(`inference`); "eval on MindSpore" is the network run by MindSpore itself; "repeated run" is a second '
         "process of the same run spec, its graph from the compile cache the first filled (`hardware.compile_cache`):"

@@ -2,9 +2,10 @@
 
 ``task=benchmark`` runs this file as a script in a process of its own (``python benchmark_timm.py SPEC.json``),
 so neither framework's threads, allocator or imports touch the other's figures. It measures timm's model
-exactly as the MindSpore side measures ours: the same batch shape, classes and thread count, SGD with
-momentum 0.9, time from process start to the end of the first train step, warm train-step and eval img/s
-(median of ``rounds``), peak RSS, and optionally an op-level profile (``torch.profiler``).
+exactly as the MindSpore side measures ours: the same batch shape, classes and thread count, SGD with our
+optimizer config's momentum and weight decay (``sgd``), time from process start to the end of the first train
+step, warm train-step and eval img/s (median of ``rounds``), peak RSS, and optionally an op-level profile
+(``torch.profiler``).
 
 Needs the optional ``bench`` extra (``pip install -e ".[bench]"``: torch and timm); nothing else imports
 torch. Module level is standard library only, so the MindSpore side imports the helpers without torch.
@@ -57,6 +58,28 @@ def write_profile(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def sgd(model: Any, optimizer: dict[str, Any]) -> Any:
+    """torch's SGD as our optimizer config (``benchmark.timm_optimizer``): weight decay on every parameter but
+    those of norm layers, and with ``no_decay_ndim1`` biases and other 1-D parameters and ``no_decay_names``."""
+    import torch
+
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+
+    def decayed(name: str, param: Any) -> bool:
+        named = name.rsplit(".", 1)[-1] in optimizer["no_decay_names"]
+        exempt = named or (optimizer["no_decay_ndim1"] and param.ndim <= 1)
+        return id(param) not in norm and not exempt
+
+    params = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in params if decayed(n, p)], "weight_decay": optimizer["weight_decay"]},
+        {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    return torch.optim.SGD(groups, lr=0.01, momentum=optimizer["momentum"], nesterov=optimizer["nesterov"])
+
+
 def measure_timm(spec: dict[str, Any]) -> dict[str, Any]:
     """Train-step and eval throughput of ``timm.create_model(spec['model'], **spec['model_kwargs'])`` (our model
     config's drop rates) on a random batch."""
@@ -68,7 +91,7 @@ def measure_timm(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
     model = timm.create_model(spec["model"], num_classes=spec["num_classes"], **spec["model_kwargs"]).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(model, spec["optimizer"])
     loss_fn = torch.nn.CrossEntropyLoss()
     batch, size = spec["batch_size"], spec["image_size"]
     images = torch.randn(batch, 3, size, size, device=device)
