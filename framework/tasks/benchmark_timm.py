@@ -59,11 +59,12 @@ def write_profile(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def sgd(model: Any, optimizer: dict[str, Any]) -> Any:
-    """torch's SGD as our optimizer config (``benchmark.timm_optimizer``): weight decay on every parameter but
+    """torch's SGD as our optimizer config (``benchmark.timm_optimizer`` gives it): weight decay on every parameter but
     those of norm layers, and with ``no_decay_ndim1`` biases and other 1-D parameters and ``no_decay_names``."""
     import torch
 
-    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    nn = torch.nn
+    norm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)  # timm's subclass them
     norm = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
 
     def decayed(name: str, param: Any) -> bool:
