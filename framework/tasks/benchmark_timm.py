@@ -72,11 +72,11 @@ def sgd(model: Any, optimizer: dict[str, Any]) -> Any:
         exempt = named or (optimizer["no_decay_ndim1"] and param.ndim <= 1)
         return id(param) not in norm and not exempt
 
-    params = list(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in params if decayed(n, p)], "weight_decay": optimizer["weight_decay"]},
-        {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0},
-    ]
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    for name, param in model.named_parameters():
+        (decay if decayed(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": optimizer["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [group for group in groups if group["params"]]
     return torch.optim.SGD(groups, lr=0.01, momentum=optimizer["momentum"], nesterov=optimizer["nesterov"])
 
